@@ -1,0 +1,31 @@
+# anomalykit: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first and pinned: this build is on the machines' local disk (no multi-GB download).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+BENCH_OUT ?= benchmarks/results/synthetic
+BENCH_ARGS ?=
+
+.PHONY: install test benchmark lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+benchmark: $(STAMP)
+	$(BIN)/anomalykit benchmark --detectors ae,ae_ssim --out $(BENCH_OUT) $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check anomalykit tests benchmarks deploy
+
+clean:
+	rm -rf $(VENV) runs data/synthetic

@@ -1,0 +1,229 @@
+"""Core contracts: Estimator, GenerativeModel, Detector, AnomalyOutput.
+
+Follows scikit-learn's rule: ``__init__`` stores its arguments and builds
+submodules, nothing else. The arguments are recorded automatically in
+``self.config`` (a plain dict), so a checkpoint can rebuild the object with
+``type(model)(**config)``. Learned state that is not a parameter ends in ``_``
+and is a registered buffer (``threshold_``), so it is saved and exported.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from anomalykit.errors import ConfigError
+
+
+class AnomalyOutput(NamedTuple):
+    """What every detector's ``forward`` returns.
+
+    score: (B,) image anomaly score, higher = more anomalous.
+    anomaly_map: (B, 1, H, W) pixel anomaly map at the detector's input size.
+    """
+
+    score: Tensor
+    anomaly_map: Tensor
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    """The one check for string options: a ConfigError (a ValueError) listing the choices."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Configs must be YAML/``weights_only``-safe: plain scalars, lists and dicts."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_plain(v, where)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, where)
+        return
+    raise ConfigError(f"{where}: config value {value!r} of type {type(value).__name__} is not a plain value")
+
+
+class Estimator(nn.Module):
+    """Base of everything trainable.
+
+    Subclasses implement ``training_step(batch) -> dict[str, Tensor]`` (with a
+    ``"loss"`` entry) and ``configure_optimizers()``. Models that alternate
+    several optimizers (GANs) set ``manual_optimization = True`` and step the
+    optimizers themselves inside ``training_step(batch, optimizers)``.
+    Closed-form models (PCA, GMM) override :meth:`fit` instead.
+    """
+
+    registry_name: str = ""
+    registry_kind: str = ""
+    manual_optimization: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            # Only the outermost __init__ records: super().__init__ calls see the flag.
+            if "_config_recorded" not in self.__dict__:
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                config: dict[str, Any] = {}
+                for name, value in list(bound.arguments.items())[1:]:
+                    kind = signature.parameters[name].kind
+                    if kind is inspect.Parameter.VAR_KEYWORD:
+                        config.update(value)
+                    elif kind is inspect.Parameter.VAR_POSITIONAL:
+                        raise TypeError(f"{cls.__name__}: *args cannot be recorded in a config")
+                    else:
+                        config[name] = list(value) if isinstance(value, tuple) else value
+                _check_plain(config, cls.__name__)
+                object.__setattr__(self, "_config_recorded", True)
+                object.__setattr__(self, "config", config)
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    # -- training hooks -------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement training_step")
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Loss on held-out good images; by default the training loss without gradients."""
+        return self.training_step(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement configure_optimizers")
+
+    def fit(self, train_data, val_data=None, **trainer_options: Any) -> dict[str, Any]:
+        """Train with the toolkit's one loop (see :func:`anomalykit.training.fit`)."""
+        from anomalykit.training import fit
+
+        return fit(self, train_data, val_data, **trainer_options)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def save(self, path, **extra: Any) -> None:
+        """Write config + weights + buffers atomically (loadable with ``weights_only=True``)."""
+        from anomalykit.training.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self, **extra)
+
+    @staticmethod
+    def load(path, map_location: str | torch.device = "cpu") -> Estimator:
+        from anomalykit.training.checkpoint import load_model
+
+        return load_model(path, map_location=map_location)
+
+
+class GenerativeModel(Estimator):
+    """A model of the data distribution: sample, and where the family allows, score."""
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot sample")
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no tractable log-likelihood")
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct")
+
+
+NORMALIZATIONS = {
+    # Detectors receive images in [0, 1] and normalise inside forward, so the
+    # ONNX graph and PyTorch see exactly the same arithmetic.
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], for tanh decoders
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class Detector(Estimator):
+    """An anomaly detector trained on good images only.
+
+    ``forward(images)`` with images (B, 3, S, S) in [0, 1], S = ``self.image_size``,
+    returns :class:`AnomalyOutput`. It is the inference path and the only thing
+    exported; it never branches on ``self.training``.
+
+    Calibration buffers (set by :meth:`calibrate` from held-out good images):
+    ``threshold_`` (image score threshold), ``score_min_``/``score_max_`` (the
+    good-score range, for the normalised score), ``pixel_threshold_``.
+    """
+
+    image_size: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("threshold_", torch.tensor(0.0))
+        self.register_buffer("score_min_", torch.tensor(0.0))
+        self.register_buffer("score_max_", torch.tensor(1.0))
+        self.register_buffer("pixel_threshold_", torch.tensor(0.0))
+        self.register_buffer("calibrated_", torch.tensor(False))
+
+    def set_normalization(self, normalization: str) -> None:
+        """Register input mean/std buffers for one of :data:`NORMALIZATIONS`."""
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        mean, std = NORMALIZATIONS[normalization]
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize_input(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> the detector's own input range."""
+        return (images - self.input_mean) / self.input_std
+
+    def forward(self, images: Tensor) -> AnomalyOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def normalized_score(self, score: Tensor) -> Tensor:
+        """Map a raw score to [0, 1] with the threshold at exactly 0.5 (anomalib's convention)."""
+        span = (self.score_max_ - self.score_min_).clamp_min(1e-12)
+        return ((score - self.threshold_) / span + 0.5).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def calibrate(self, good_data, *, quantile: float = 1.0, margin: float = 0.0,
+                  pixel_quantile: float = 0.999, batch_size: int = 16, progress: bool = False) -> float:
+        """Set the thresholds from held-out GOOD images (never the test set).
+
+        good_data: an :class:`~anomalykit.data.AnomalyDataset`, a DataLoader, or a
+        tensor (N, 3, S, S) in [0, 1]. Returns the image threshold.
+        """
+        import numpy as np
+
+        from anomalykit.metrics import threshold_from_good
+        from anomalykit.training.inference import predict
+
+        result = predict(self, good_data, batch_size=batch_size, progress=progress,
+                         desc="calibrate")
+        if len(result["scores"]) == 0:
+            raise ConfigError("calibrate needs at least one good image")
+        scores = result["scores"]
+        threshold = threshold_from_good(scores, quantile=quantile, margin=margin)
+        pixel_threshold = float(np.quantile(result["maps"], pixel_quantile))
+        device = self.threshold_.device
+        self.threshold_.copy_(torch.tensor(threshold, device=device))
+        self.score_min_.copy_(torch.tensor(float(scores.min()), device=device))
+        self.score_max_.copy_(torch.tensor(float(max(scores.max(), threshold)), device=device))
+        self.pixel_threshold_.copy_(torch.tensor(pixel_threshold, device=device))
+        self.calibrated_.fill_(True)
+        return threshold

@@ -1,0 +1,146 @@
+"""Run configurations: YAML files whose keys mirror constructor and ``fit`` arguments.
+
+A config has three sections::
+
+    model:      # keyword arguments of the detector's constructor
+      image_size: 64
+    train:      # keyword arguments of anomalykit.training.fit, plus data options
+      epochs: 30
+      val_fraction: 0.1
+    calibrate:  # keyword arguments of Detector.calibrate
+      quantile: 1.0
+
+``configs/<detector>/{quick,paper}.yaml`` are the named profiles; any YAML path
+works too. ``--set section.key=value`` (or ``key=value`` when the key is in one
+section only) overrides a value; values are parsed as YAML (``3``, ``1e-3``,
+``true``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anomalykit.errors import ConfigError
+
+SECTIONS = ("model", "train", "calibrate")
+# Options of the data pipeline that live in the `train` section next to fit's arguments.
+DATA_OPTIONS = {"val_fraction": 0.1, "augment": False}
+
+
+def configs_dir() -> Path:
+    """Where the named profiles live: $ANOMALYKIT_CONFIGS, else the repository's configs/."""
+    env = os.environ.get("ANOMALYKIT_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_profiles(detector: str) -> list[str]:
+    folder = configs_dir() / detector
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _allowed_keys(detector: str) -> dict[str, set[str] | None]:
+    from anomalykit.base import Detector
+    from anomalykit.registry import get_class
+    from anomalykit.training import fit
+
+    cls = get_class(detector)
+
+    def params(fn) -> set[str] | None:
+        sig = inspect.signature(fn)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            return None  # accepts anything
+        return {n for n in sig.parameters if n not in ("self", "args")}
+
+    def init_params(klass) -> set[str] | None:
+        """Constructor keywords; a ``**kwargs`` that is passed up to a base adds the base's."""
+        names: set[str] = set()
+        for base in klass.__mro__:
+            if base is Detector or "__init__" not in base.__dict__:
+                continue
+            sig = inspect.signature(base.__init__)
+            names |= {n for n, p in sig.parameters.items() if n != "self"
+                      and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+                return names
+        return None
+
+    train = params(fit) - {"model", "train_data", "val_data"} | set(DATA_OPTIONS)  # type: ignore[operator]
+    calibrate = params(Detector.calibrate) - {"good_data"}  # type: ignore[operator]
+    return {"model": init_params(cls), "train": train, "calibrate": calibrate}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+    return key.strip(), value
+
+
+def load_config(detector: str, config: str | Path = "quick",
+                overrides: list[str] | dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Read a profile name or YAML file, apply overrides, check every key.
+
+    Unknown keys are an error that lists the valid ones, so a typo never trains
+    silently with a default.
+    """
+    path = Path(config)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = configs_dir() / detector / f"{config}.yaml"
+        if not path.is_file():
+            known = ", ".join(available_profiles(detector)) or "none"
+            raise ConfigError(f"no config {config!r} for detector {detector!r} "
+                              f"(profiles: {known}; or give a YAML file path)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping with sections {SECTIONS}")
+    extra = set(raw) - set(SECTIONS)
+    if extra:
+        raise ConfigError(f"config file {path}: unknown section(s) {sorted(extra)}; "
+                          f"expected {list(SECTIONS)}")
+    cfg = {s: copy.deepcopy(raw.get(s) or {}) for s in SECTIONS}
+    allowed = _allowed_keys(detector)
+
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise ConfigError(f"--set {key}: unknown section {section!r}; expected {list(SECTIONS)}")
+        else:
+            hits = [s for s in SECTIONS if allowed[s] is not None and key in allowed[s]]
+            if not hits:
+                valid = sorted(set().union(*(k for k in allowed.values() if k)))
+                raise ConfigError(f"--set {key}: unknown option {key!r}; valid: {', '.join(valid)}")
+            if len(hits) > 1:
+                raise ConfigError(f"--set {key}: {key!r} is in sections {', '.join(hits)}; "
+                                  f"write section.{key}")
+            section, name = hits[0], key
+        cfg[section][name] = value
+
+    for section in SECTIONS:
+        keys = allowed[section]
+        if keys is None:
+            continue
+        unknown = set(cfg[section]) - keys
+        if unknown:
+            raise ConfigError(f"{section} option(s) {sorted(unknown)} not accepted by {detector!r}; "
+                              f"valid: {', '.join(sorted(keys))}")
+    cfg["source"] = str(path)  # type: ignore[assignment]
+    return cfg

@@ -1,0 +1,1 @@
+"""Anomaly detectors: one file per detector, registered by name."""

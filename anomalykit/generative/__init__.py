@@ -1,0 +1,1 @@
+"""The generative suite: one file per family; detectors import from here."""

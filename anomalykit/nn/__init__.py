@@ -1,0 +1,1 @@
+"""Plain nn.Modules and tensor functions, no training logic."""

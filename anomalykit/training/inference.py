@@ -1,0 +1,74 @@
+"""Batched inference over a dataset: scores, maps, and the ground truth beside them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from anomalykit.training.progress import track
+
+
+def as_loader(data, *, batch_size: int, shuffle: bool = False, generator=None,
+              num_workers: int = 0) -> DataLoader:
+    """Accept a DataLoader, a Dataset of dict items, or an image tensor (N, 3, H, W)."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, torch.Tensor):
+        data = _TensorImages(data)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"expected a DataLoader, Dataset or Tensor, got {type(data).__name__}")
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, drop_last=False)
+
+
+class _TensorImages(TensorDataset):
+    """Wrap an image tensor so items look like the data layer's dicts."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__(images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.tensors[0][index]}
+
+
+@torch.no_grad()
+def predict(model, data, *, batch_size: int = 16, device=None, progress: bool = False,
+            desc: str = "predict") -> dict[str, Any]:
+    """Run ``model`` in eval mode over ``data``.
+
+    Returns numpy arrays: ``scores`` (N,), ``maps`` (N, H, W) float32, and when
+    the data carries them ``labels`` (N,), ``masks`` (N, H, W) uint8, ``paths``,
+    ``defect_types``.
+    """
+    loader = as_loader(data, batch_size=batch_size)
+    device = model.device if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    scores, maps, labels, masks, paths, defect_types = [], [], [], [], [], []
+    try:
+        for batch in track(loader, desc, enabled=progress):
+            out = model(batch["image"].to(device))
+            scores.append(out.score.float().cpu().numpy())
+            maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+            if "label" in batch:
+                labels.append(batch["label"].numpy())
+            if "mask" in batch:
+                masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+            paths.extend(batch.get("path", []))
+            defect_types.extend(batch.get("defect_type", []))
+    finally:
+        model.train(was_training)
+    result: dict[str, Any] = {
+        "scores": np.concatenate(scores) if scores else np.zeros(0, np.float32),
+        "maps": np.concatenate(maps) if maps else np.zeros((0, 1, 1), np.float32),
+        "paths": paths,
+        "defect_types": defect_types,
+    }
+    if labels:
+        result["labels"] = np.concatenate(labels)
+    if masks:
+        result["masks"] = np.concatenate(masks)
+    return result

@@ -1,0 +1,171 @@
+"""The toolkit's one training loop.
+
+Seeding, device choice, progress bars, atomic checkpoints with resume, early
+stopping on the validation loss, and a clear error when a loss stops being
+finite. Models supply ``training_step`` and ``configure_optimizers`` (see
+:class:`anomalykit.base.Estimator`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anomalykit.errors import ConfigError, TrainingError
+from anomalykit.training.checkpoint import read_checkpoint, save_checkpoint
+from anomalykit.training.inference import as_loader
+from anomalykit.training.progress import progress_bar
+from anomalykit.training.seed import resolve_device, seed_everything
+
+LAST = "last.ckpt"
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _optimizers(model) -> list[torch.optim.Optimizer]:
+    opt = model.configure_optimizers()
+    return list(opt) if isinstance(opt, (list, tuple)) else [opt]
+
+
+def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir) -> None:
+    for name, value in losses.items():
+        v = float(value.detach())
+        if not math.isfinite(v):
+            hint = f"; the last good state is in {Path(out_dir) / LAST}" if out_dir else ""
+            raise TrainingError(
+                f"loss {name!r} became {v} at epoch {epoch + 1}, step {step}: lower the learning "
+                f"rate or check the input data{hint}")
+
+
+def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | None = None,
+        batch_size: int = 16, num_workers: int = 0, device: str = "auto", seed: int = 0,
+        out_dir: str | Path | None = None, resume: bool = False,
+        early_stopping_patience: int | None = None, grad_clip: float | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` on ``train_data`` (Dataset, DataLoader or image tensor).
+
+    Each epoch reseeds with ``seed + epoch`` so a resumed run sees the same data
+    order and augmentations as an uninterrupted one. With ``out_dir``,
+    ``last.ckpt`` (weights + optimizer + history) is written atomically after
+    every epoch; ``resume=True`` continues from it. With ``val_data`` and
+    ``early_stopping_patience``, training stops after that many epochs without
+    a better validation loss and the best weights are restored.
+
+    Returns the history: per-epoch mean losses, best epoch, seconds, steps.
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if early_stopping_patience is not None and val_data is None:
+        raise ConfigError("early_stopping_patience needs validation data (val_fraction > 0)")
+    device = resolve_device(device)
+    seed_everything(seed)
+    model.to(device)
+    optimizers = _optimizers(model)
+
+    history: dict[str, Any] = {"train_loss": [], "val_loss": [], "best_epoch": None,
+                               "best_val_loss": None, "epochs_run": 0, "steps": 0,
+                               "seconds": 0.0, "stopped_early": False}
+    start_epoch, best_state = 0, None
+    last_path = Path(out_dir) / LAST if out_dir else None
+    if resume:
+        if last_path is None:
+            raise ConfigError("resume=True needs out_dir, where last.ckpt lives")
+        if last_path.exists():
+            state = read_checkpoint(last_path, map_location=device)
+            model.load_state_dict(state["state_dict"])
+            for opt, opt_state in zip(optimizers, state["training"]["optimizers"]):
+                opt.load_state_dict(opt_state)
+            history = state["training"]["history"]
+            start_epoch = history["epochs_run"]
+            best_state = state["training"].get("best_state")
+
+    step = history["steps"]
+    started = time.perf_counter() - history["seconds"]
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"train {model.registry_name}", total=epochs, completed=start_epoch,
+                            info="")
+        for epoch in range(start_epoch, epochs):
+            seed_everything(seed + epoch)
+            generator = torch.Generator().manual_seed(seed + epoch)
+            loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
+                               generator=generator, num_workers=num_workers)
+            model.train()
+            totals: dict[str, float] = {}
+            n_batches = 0
+            for batch in loader:
+                batch = _to_device(batch, device)
+                if model.manual_optimization:
+                    losses = model.training_step(batch, optimizers)
+                    _check_finite(losses, epoch, step, out_dir)
+                else:
+                    losses = model.training_step(batch)
+                    _check_finite(losses, epoch, step, out_dir)
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    losses["loss"].backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    for opt in optimizers:
+                        opt.step()
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach())
+                n_batches += 1
+                step += 1
+                if max_steps is not None and step >= max_steps:
+                    break
+            if n_batches == 0:
+                raise ConfigError("the training set is empty")
+            train_loss = {k: v / n_batches for k, v in totals.items()}
+            history["train_loss"].append(train_loss)
+            info = f"loss {train_loss.get('loss', float('nan')):.4g}"
+
+            if val_data is not None:
+                val_loss = _validate(model, val_data, batch_size, device)
+                history["val_loss"].append(val_loss)
+                info += f" val {val_loss:.4g}"
+                if history["best_val_loss"] is None or val_loss < history["best_val_loss"]:
+                    history["best_val_loss"], history["best_epoch"] = val_loss, epoch
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            history["epochs_run"] = epoch + 1
+            history["steps"] = step
+            history["seconds"] = time.perf_counter() - started
+            bar.update(task, advance=1, info=info)
+
+            stop = max_steps is not None and step >= max_steps
+            if (early_stopping_patience is not None and history["best_epoch"] is not None
+                    and epoch - history["best_epoch"] >= early_stopping_patience):
+                history["stopped_early"] = stop = True
+            if last_path is not None:
+                save_checkpoint(last_path, model, training={
+                    "optimizers": [opt.state_dict() for opt in optimizers],
+                    "history": copy.deepcopy(history),
+                    "best_state": best_state,
+                })
+            if stop:
+                break
+
+    if best_state is not None and early_stopping_patience is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+@torch.no_grad()
+def _validate(model, val_data, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for batch in as_loader(val_data, batch_size=batch_size):
+        batch = _to_device(batch, device)
+        loss = model.validation_step(batch)["loss"]
+        count = len(batch["image"])
+        total += float(loss) * count
+        n += count
+    model.train()
+    return total / max(n, 1)
