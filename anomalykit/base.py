@@ -202,7 +202,8 @@ class Detector(Estimator):
 
     @torch.no_grad()
     def calibrate(self, good_data, *, quantile: float = 1.0, margin: float = 0.0,
-                  pixel_quantile: float = 0.999, batch_size: int = 16, progress: bool = False) -> float:
+                  pixel_quantile: float = 0.999, batch_size: int = 16,
+                  progress: bool = False) -> float:
         """Set the thresholds from held-out GOOD images (never the test set).
 
         good_data: an :class:`~anomalykit.data.AnomalyDataset`, a DataLoader, or a

@@ -42,7 +42,8 @@ def _register(kind: Kind, name: str):
     def decorator(cls: type) -> type:
         table = _REGISTRY[kind]
         if name in table and table[name] is not cls:
-            raise ConfigError(f"{kind} name {name!r} is registered twice ({table[name].__name__}, {cls.__name__})")
+            raise ConfigError(f"{kind} name {name!r} is registered twice "
+                              f"({table[name].__name__}, {cls.__name__})")
         table[name] = cls
         cls.registry_name = name
         cls.registry_kind = kind

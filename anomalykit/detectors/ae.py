@@ -48,7 +48,7 @@ def random_crops(images: Tensor, patch: int, generator: torch.Generator | None =
     b, _, h, w = images.shape
     ys = torch.randint(0, h - patch + 1, (b,), generator=generator).tolist()
     xs = torch.randint(0, w - patch + 1, (b,), generator=generator).tolist()
-    return torch.stack([img[:, y:y + patch, x:x + patch] for img, y, x in zip(images, ys, xs)])
+    return torch.stack([img[:, y:y + patch, x:x + patch] for img, y, x in zip(images, ys, xs, strict=True)])
 
 
 @register_detector("ae")

@@ -64,7 +64,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
-        for width, stride in zip(widths, strides):
+        for width, stride in zip(widths, strides, strict=True):
             kernel = 4 if stride == 2 else 3
             layers.append(nn.Conv2d(c_in, width, kernel, stride, padding=1, bias=not batch_norm))
             if batch_norm:

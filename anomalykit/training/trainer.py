@@ -81,7 +81,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
         if last_path.exists():
             state = read_checkpoint(last_path, map_location=device)
             model.load_state_dict(state["state_dict"])
-            for opt, opt_state in zip(optimizers, state["training"]["optimizers"]):
+            for opt, opt_state in zip(optimizers, state["training"]["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
             history = state["training"]["history"]
             start_epoch = history["epochs_run"]
