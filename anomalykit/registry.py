@@ -33,9 +33,9 @@ _loaded = False
 def _load_all() -> None:
     global _loaded
     if not _loaded:
-        _loaded = True
         for module in _MODULES:
             importlib.import_module(module)
+        _loaded = True  # only once every module imported: a failed import fails again, loudly
 
 
 def _register(kind: Kind, name: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector, check_choice
@@ -104,17 +105,21 @@ class AEDetector(Detector):
         if self.patch_size == self.image_size:
             return reconstruction_error_map(x, self.autoencoder(x), self.loss,
                                             ssim_window=self.ssim_window)
-        p, s = self.patch_size, self.image_size
-        starts = tile_starts(s, p, self.patch_stride)
-        total = x.new_zeros(x.shape[0], 1, s, s)
+        # All tiles go through the network as one batch (one copy of the network in the
+        # exported graph instead of one per tile), then are padded back into place.
+        p, s, b = self.patch_size, self.image_size, x.shape[0]
+        starts = [(y, xx) for y in tile_starts(s, p, self.patch_stride)
+                  for xx in tile_starts(s, p, self.patch_stride)]
+        tiles = torch.cat([x[:, :, y:y + p, xx:xx + p] for y, xx in starts])
+        errors = reconstruction_error_map(tiles, self.autoencoder(tiles), self.loss,
+                                          ssim_window=self.ssim_window)
+        total = x.new_zeros(b, 1, s, s)
         count = x.new_zeros(1, 1, s, s)
-        for y in starts:
-            for xx in starts:
-                tile = x[:, :, y:y + p, xx:xx + p]
-                err = reconstruction_error_map(tile, self.autoencoder(tile), self.loss,
-                                               ssim_window=self.ssim_window)
-                total[:, :, y:y + p, xx:xx + p] += err
-                count[:, :, y:y + p, xx:xx + p] += 1
+        ones = x.new_ones(1, 1, p, p)
+        for i, (y, xx) in enumerate(starts):
+            pad = (xx, s - p - xx, y, s - p - y)
+            total = total + F.pad(errors[i * b:(i + 1) * b], pad)
+            count = count + F.pad(ones, pad)
         return total / count
 
     def forward(self, images: Tensor) -> AnomalyOutput:
