@@ -31,6 +31,8 @@ from anomalykit.errors import ConfigError
 SECTIONS = ("model", "train", "calibrate")
 # Options of the data pipeline that live in the `train` section next to fit's arguments.
 DATA_OPTIONS = {"val_fraction": 0.1, "augment": False}
+# fit() arguments that are per-run choices (command-line options), never part of a profile.
+RUN_OPTIONS = {"out_dir": "--out", "resume": "--resume", "progress": "--quiet"}
 
 
 def configs_dir() -> Path:
@@ -72,7 +74,8 @@ def _allowed_keys(detector: str) -> dict[str, set[str] | None]:
                 return names
         return None
 
-    train = params(fit) - {"model", "train_data", "val_data"} | set(DATA_OPTIONS)  # type: ignore[operator]
+    train = params(fit) - {"model", "train_data", "val_data", *RUN_OPTIONS}  # type: ignore[operator]
+    train |= set(DATA_OPTIONS)
     calibrate = params(Detector.calibrate) - {"good_data"}  # type: ignore[operator]
     return {"model": init_params(cls), "train": train, "calibrate": calibrate}
 
@@ -139,6 +142,10 @@ def load_config(detector: str, config: str | Path = "quick",
         if keys is None:
             continue
         unknown = set(cfg[section]) - keys
+        run_keys = sorted(unknown & set(RUN_OPTIONS)) if section == "train" else []
+        if run_keys:
+            raise ConfigError(f"train.{run_keys[0]} cannot be set in a config; use the command-line "
+                              f"option {RUN_OPTIONS[run_keys[0]]}")
         if unknown:
             raise ConfigError(f"{section} option(s) {sorted(unknown)} not accepted by {detector!r}; "
                               f"valid: {', '.join(sorted(keys))}")

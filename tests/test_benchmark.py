@@ -1,0 +1,194 @@
+"""anomalykit.benchmark: the runner (rows, failures, interruption) and the reports."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from anomalykit.base import AnomalyOutput, Detector
+from anomalykit.benchmark import COLUMNS, read_csv, run_benchmark, runner
+from anomalykit.benchmark.report import (
+    environment_info,
+    markdown_report,
+    metric_table,
+    roc_curve,
+    write_report,
+)
+from anomalykit.data import SYNTHETIC_CATEGORIES, generate_synthetic
+from anomalykit.errors import ConfigError
+from anomalykit.registry import register_detector
+
+GOOD = "_bench_test_tiny"
+BROKEN = "_bench_test_broken"
+CATEGORIES = list(SYNTHETIC_CATEGORIES[:2])
+
+
+@register_detector(GOOD)
+class TinyDetector(Detector):
+    """One conv layer reconstructing its input."""
+
+    def __init__(self, image_size: int = 32, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.lr = lr
+        self.set_normalization("none")
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        error = ((self.conv(images) - images) ** 2).mean(1, keepdim=True)
+        return AnomalyOutput(error.flatten(1).amax(1), error)
+
+    def training_step(self, batch: dict) -> dict[str, Tensor]:
+        x = batch["image"]
+        return {"loss": ((self.conv(x) - x) ** 2).mean()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+@register_detector(BROKEN)
+class BrokenDetector(TinyDetector):
+    """Fails in its first training step, as a buggy detector would."""
+
+    def training_step(self, batch: dict) -> dict[str, Tensor]:
+        raise RuntimeError("boom in training_step")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    generate_synthetic(root, categories=CATEGORIES, seed=0, image_size=32, n_train=10,
+                       n_test_good=3, n_test_defect=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text("model:\n  image_size: 32\n"
+                    "train:\n  epochs: 1\n  batch_size: 8\n  val_fraction: 0.2\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_failing_pair_is_recorded_and_the_benchmark_goes_on(dataset: Path, config: Path,
+                                                           tmp_path: Path) -> None:
+    rows = run_benchmark([BROKEN, GOOD], dataset, CATEGORIES[:1], config=config,
+                         out_dir=tmp_path, device="cpu", onnx=False, progress=False,
+                         command="anomalykit benchmark --test")
+    assert [(r["detector"], bool(r["error"])) for r in rows] == [(BROKEN, True), (GOOD, False)]
+    assert "boom in training_step" in rows[0]["error"]
+    assert (tmp_path / "runs" / BROKEN / CATEGORIES[0] / "error.txt").is_file()
+    saved = read_csv(tmp_path / "results.csv")
+    assert [r["detector"] for r in saved] == [BROKEN, GOOD]
+    assert list(saved[0]) == list(COLUMNS)
+    assert saved[1]["onnx_ms"] == "" and float(saved[1]["torch_ms"]) > 0  # --no-onnx
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"| {BROKEN} | error |" in markdown and "boom in training_step" in markdown
+    assert "anomalykit benchmark --test" in markdown
+
+
+def test_interrupted_benchmark_keeps_finished_rows(dataset: Path, config: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runner.benchmark_pair
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "benchmark_pair", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark([GOOD], dataset, CATEGORIES, config=config, out_dir=tmp_path,
+                      device="cpu", onnx=False, progress=False)
+    saved = read_csv(tmp_path / "results.csv")
+    assert [(r["detector"], r["category"]) for r in saved] == [(GOOD, CATEGORIES[0])]
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_two_categories_with_onnx_and_report(dataset: Path, config: Path, tmp_path: Path) -> None:
+    rows = run_benchmark([GOOD], dataset, CATEGORIES, config=config, overrides=["seed=3"],
+                         out_dir=tmp_path, device="cpu", seed=1, onnx=True, progress=False,
+                         threads=1)
+    assert [r["category"] for r in rows] == CATEGORIES
+    for row in rows:
+        assert not row["error"]
+        assert row["onnx_ms"] > 0 and row["torch_ms"] > 0 and row["train_s"] > 0
+        assert row["seed"] == 1 and row["n_test"] == 6 and row["n_train"] == 8
+        assert (tmp_path / "runs" / GOOD / row["category"] / "model.onnx").is_file()
+    html = (tmp_path / "report.html").read_text()
+    sources = re.findall(r"src='([^']+)'", html)
+    assert {f"figures/{c}/roc.png" for c in CATEGORIES} <= set(sources)
+    assert {f"figures/{c}/{GOOD}_examples.png" for c in CATEGORIES} <= set(sources)
+    assert all((tmp_path / s).is_file() for s in sources)
+    header, body = metric_table(rows, "image_auroc")
+    assert header == ["detector", *CATEGORIES, "mean"] and body[0][0] == GOOD
+    markdown = (tmp_path / "results.md").read_text()
+    assert "CPU threads (torch and onnxruntime): 1" in markdown
+
+
+def test_typos_fail_before_any_training(dataset: Path, config: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'nope' not found"):
+        run_benchmark([GOOD], dataset, ["nope"], config=config, out_dir=tmp_path,
+                      device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="unknown detector"):
+        run_benchmark(["nope"], dataset, CATEGORIES, config=config, out_dir=tmp_path,
+                      device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="bogus"):
+        run_benchmark([GOOD], dataset, CATEGORIES, config=config, overrides=["model.bogus=1"],
+                      out_dir=tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+# -- report units ----------------------------------------------------------------------------
+
+
+def test_metric_table_mean_skips_errors_and_nan() -> None:
+    rows = [
+        {"detector": "a", "category": "x", "image_auroc": 0.5},
+        {"detector": "a", "category": "y", "image_auroc": 1.0},
+        {"detector": "b", "category": "x", "image_auroc": math.nan},
+        {"detector": "b", "category": "y", "error": "RuntimeError: boom"},
+    ]
+    header, body = metric_table(rows, "image_auroc")
+    assert header == ["detector", "x", "y", "mean"]
+    assert body == [["a", "0.500", "1.000", "0.750"], ["b", "n/a", "error", "n/a"]]
+
+
+def test_roc_curve_endpoints_and_ties() -> None:
+    fpr, tpr = roc_curve(np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.5, 0.9]))
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1.0])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1.0, 1.0])
+
+
+def test_report_header_and_rebuild(tmp_path: Path) -> None:
+    info = environment_info("cpu", "anomalykit benchmark --detectors a")
+    assert info["machine"] and "torch" in info["versions"] and "onnxruntime" in info["versions"]
+    rows = [{"detector": "a", "category": "x", "image_auroc": 0.9, "config": "quick", "seed": 0}]
+    text = markdown_report(rows, info)
+    assert "`anomalykit benchmark --detectors a`" in text and info["date"] in text
+    paths = write_report(rows, tmp_path, info)  # no predictions saved: tables only
+    assert all(p.is_file() for p in paths.values())
+    assert "<table>" in (tmp_path / "report.html").read_text()
+
+
+def test_export_failure_keeps_the_metrics(dataset: Path, config: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail_export(*args, **kwargs):
+        raise ConfigError("cannot export this one")
+
+    monkeypatch.setattr(runner, "_time_onnx", fail_export)
+    rows = run_benchmark([GOOD], dataset, CATEGORIES[:1], config=config, out_dir=tmp_path,
+                         device="cpu", onnx=True, progress=False)
+    assert rows[0]["error"] == "" and 0.0 <= rows[0]["image_auroc"] <= 1.0
+    assert math.isnan(rows[0]["onnx_ms"]) and "cannot export this one" in rows[0]["notes"]
+    assert "cannot export this one" in (tmp_path / "results.md").read_text()
