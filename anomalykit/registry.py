@@ -25,6 +25,7 @@ _REGISTRY: dict[str, dict[str, type]] = {"detector": {}, "generative": {}}
 # Modules whose import registers classes. Adding a detector = one file + one line here.
 _MODULES = (
     "anomalykit.generative.ae",
+    "anomalykit.generative.flows",
     "anomalykit.detectors.ae",
 )
 _loaded = False
