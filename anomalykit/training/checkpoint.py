@@ -102,10 +102,16 @@ def load_state_into(model, state_dict: dict[str, torch.Tensor], *, source: str =
 
 def load_model(path, map_location: str | torch.device = "cpu"):
     """Rebuild the saved model in a fresh process: ``create(name, **config)`` + weights."""
-    from anomalykit.registry import create
+    from anomalykit.registry import create, get_class
 
     payload = read_checkpoint(path, map_location)
-    model = create(payload["name"], payload["kind"], **payload["config"])
+    config = payload["config"]
+    # A class may name constructor arguments to replace when rebuilding from a checkpoint,
+    # e.g. {"backbone_weights": "random"}: the checkpoint already holds every weight, so a
+    # machine without the pretrained-weights package can still load it.
+    overrides = getattr(get_class(payload["name"], payload["kind"]), "checkpoint_load_overrides", {})
+    model = create(payload["name"], payload["kind"], **{**config, **overrides})
+    object.__setattr__(model, "config", config)
     load_state_into(model, payload["state_dict"], source=str(path))
     model.checkpoint_meta = payload.get("meta", {})
     return model.eval()
