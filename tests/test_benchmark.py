@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import Tensor, nn
+from tiny_detector import TinyConvDetector
+from torch import Tensor
 
-from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.benchmark import COLUMNS, read_csv, run_benchmark, runner
 from anomalykit.benchmark.report import (
     environment_info,
@@ -30,26 +29,8 @@ CATEGORIES = list(SYNTHETIC_CATEGORIES[:2])
 
 
 @register_detector(GOOD)
-class TinyDetector(Detector):
+class TinyDetector(TinyConvDetector):
     """One conv layer reconstructing its input."""
-
-    def __init__(self, image_size: int = 32, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.lr = lr
-        self.set_normalization("none")
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, images: Tensor) -> AnomalyOutput:
-        error = ((self.conv(images) - images) ** 2).mean(1, keepdim=True)
-        return AnomalyOutput(error.flatten(1).amax(1), error)
-
-    def training_step(self, batch: dict) -> dict[str, Tensor]:
-        x = batch["image"]
-        return {"loss": ((self.conv(x) - x) ** 2).mean()}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 @register_detector(BROKEN)

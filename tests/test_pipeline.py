@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import Tensor, nn
+from tiny_detector import TinyConvDetector
+from torch import Tensor
 
 import anomalykit.training
-from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.data import SYNTHETIC_CATEGORIES, AnomalyDataset, generate_synthetic
 from anomalykit.errors import ConfigError, DataError
 from anomalykit.pipeline import (
@@ -35,22 +34,12 @@ class SimulatedCrash(RuntimeError):
 
 
 @register_detector(NAME)
-class TinyDetector(Detector):
-    """One conv layer reconstructing its input; ``crash_at_step`` simulates a killed run."""
+class TinyDetector(TinyConvDetector):
+    """``crash_at_step`` simulates a run killed in the middle of training."""
 
+    reduction = "mean"
     crash_at_step: int | None = None
     steps_taken = 0
-
-    def __init__(self, image_size: int = 32, lr: float = 1e-2) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.lr = lr
-        self.set_normalization("none")
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, images: Tensor) -> AnomalyOutput:
-        error = ((self.conv(images) - images) ** 2).mean(1, keepdim=True)
-        return AnomalyOutput(error.flatten(1).mean(1), error)
 
     def training_step(self, batch: dict) -> dict[str, Tensor]:
         cls = type(self)
@@ -58,11 +47,7 @@ class TinyDetector(Detector):
             cls.steps_taken += 1
             if cls.crash_at_step is not None and cls.steps_taken >= cls.crash_at_step:
                 raise SimulatedCrash("killed")
-        x = batch["image"]
-        return {"loss": ((self.conv(x) - x) ** 2).mean()}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return super().training_step(batch)
 
 
 @pytest.fixture(scope="module")
