@@ -27,6 +27,7 @@ _MODULES = (
     "anomalykit.generative.ae",
     "anomalykit.generative.flows",
     "anomalykit.detectors.ae",
+    "anomalykit.detectors.fastflow",
 )
 _loaded = False
 
