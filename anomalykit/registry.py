@@ -28,6 +28,7 @@ _MODULES = (
     "anomalykit.generative.flows",
     "anomalykit.detectors.ae",
     "anomalykit.detectors.fastflow",
+    "anomalykit.detectors.differnet",
 )
 _loaded = False
 

@@ -28,6 +28,7 @@ Image score = max of the map, as in anomalib.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -138,7 +139,11 @@ class FastFlowDetector(Detector):
     @torch.no_grad()
     def cache_features(self, data, *, batch_size: int = 32, num_workers: int = 0,
                        progress: bool = False) -> CachedFeatures:
-        """Run the backbone once over ``data`` (Dataset, DataLoader or image tensor), on CPU after."""
+        """Run the backbone once over ``data`` (Dataset, DataLoader or image tensor).
+
+        Returns the features of every image, kept on the CPU (the loop moves each batch to
+        the training device).
+        """
         from anomalykit.training.inference import as_loader
         from anomalykit.training.progress import track
 
@@ -157,8 +162,13 @@ class FastFlowDetector(Detector):
         ``trainer_options`` are :func:`anomalykit.training.fit`'s; ``batch_size``,
         ``num_workers``, ``device`` and ``progress`` also apply to the feature pass. The
         history's ``seconds`` include the feature pass, also reported as ``feature_seconds``.
+        An augmenting dataset would be sampled once: FastFlow trains without augmentation.
         """
         from anomalykit.training import fit, resolve_device
+
+        if getattr(train_data, "augment", False):
+            warnings.warn("FastFlow caches backbone features once, so train.augment only draws one "
+                          "augmentation per image; set augment: false", UserWarning, stacklevel=2)
 
         started = time.perf_counter()
         self.to(resolve_device(trainer_options.get("device", "auto")))
