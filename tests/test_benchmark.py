@@ -41,6 +41,25 @@ class BrokenDetector(TinyDetector):
         raise RuntimeError("boom in training_step")
 
 
+SYNTH = "_bench_test_synth"
+
+
+@register_detector(SYNTH)
+class SynthesisingDetector(TinyDetector):
+    """Shows its training data as DRAEM does: one PNG per training image it is given."""
+
+    def example_figures(self, images, out_dir, *, n=8, seed=0):
+        import cv2
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(images[:n]):
+            paths.append(out_dir / f"example_{i}.png")
+            cv2.imwrite(str(paths[-1]), (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+        return paths
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -114,6 +133,20 @@ def test_two_categories_with_onnx_and_report(dataset: Path, config: Path, tmp_pa
     assert header == ["detector", *CATEGORIES, "mean"] and body[0][0] == GOOD
     markdown = (tmp_path / "results.md").read_text()
     assert "CPU threads (torch and onnxruntime): 1" in markdown
+
+
+def test_training_figures_of_a_synthesising_detector_are_in_the_report(
+        dataset: Path, config: Path, tmp_path: Path) -> None:
+    rows = run_benchmark([SYNTH, GOOD], dataset, CATEGORIES[:1], config=config, out_dir=tmp_path,
+                         device="cpu", onnx=False, progress=False, threads=1)
+    assert not any(r["error"] for r in rows)
+    html = (tmp_path / "report.html").read_text()
+    sources = re.findall(r"src='([^']+)'", html)
+    training = [s for s in sources if "_training/" in s]
+    # one PNG per training image shown, and only for the detector that synthesises
+    assert training and all(s.startswith(f"figures/{CATEGORIES[0]}/{SYNTH}_training/")
+                            for s in training)
+    assert all((tmp_path / s).is_file() for s in training)
 
 
 def test_typos_fail_before_any_training(dataset: Path, config: Path, tmp_path: Path) -> None:

@@ -8,6 +8,9 @@ Layout of a benchmark folder::
     report.html                      the same tables, ROC curves and example heat maps
     figures/<category>/roc.png       ROC curves of every detector on that category
     figures/<category>/<detector>_examples.png   image | ground truth | heat-map overlay
+    figures/<category>/<detector>_training/*.png what the detector trained on, for detectors
+                                     that make their own training data (DRAEM's synthetic
+                                     anomalies: image | augmented | mask)
     runs/<detector>/<category>/      model.ckpt, model.onnx, predictions.npz
 
 Figures use matplotlib's object API (``Figure`` + Agg canvas) rather than pyplot, so no
@@ -364,6 +367,24 @@ def example_figure_path(out_dir: str | os.PathLike[str], detector: str, category
     return Path(out_dir) / FIGURES / category / f"{detector}_examples.png"
 
 
+def training_figure_dir(out_dir: str | os.PathLike[str], detector: str, category: str) -> Path:
+    """Where a detector's training-data figures go (see :func:`save_training_figures`)."""
+    return Path(out_dir) / FIGURES / category / f"{detector}_training"
+
+
+def save_training_figures(model: Any, images: Any, out_dir: str | os.PathLike[str],
+                          detector: str, category: str, *, n: int = 8, seed: int = 0) -> list[Path]:
+    """Let a detector that synthesises its own training data show it, as PNGs.
+
+    A detector opts in with ``example_figures(images (N, 3, S, S) in [0, 1], out_dir, *, n,
+    seed) -> list[Path]`` (DRAEM draws its Perlin-noise anomalies on these images). Others: [].
+    """
+    if not hasattr(model, "example_figures"):
+        return []
+    return list(model.example_figures(images, training_figure_dir(out_dir, detector, category),
+                                      n=n, seed=seed))
+
+
 def roc_figure_path(out_dir: str | os.PathLike[str], category: str) -> Path:
     """Where a category's ROC curves (all detectors) go."""
     return Path(out_dir) / FIGURES / category / "roc.png"
@@ -439,6 +460,13 @@ def html_report(rows: Sequence[dict[str, Any]], info: dict[str, str],
                 parts.append(f"<h3>{esc(detector)}</h3><img src='"
                              f"{esc(example.relative_to(out).as_posix())}' "
                              f"alt='{esc(detector)} heat maps, {esc(category)}'>")
+            training = sorted(training_figure_dir(out, detector, category).glob("*.png"))
+            if training:
+                parts.append(f"<h4>{esc(detector)}: training data it synthesised</h4>"
+                             "<div class='figures'>" + "".join(
+                                 f"<img src='{esc(f.relative_to(out).as_posix())}' "
+                                 f"alt='{esc(detector)} training example' style='width:420px'>"
+                                 for f in training) + "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

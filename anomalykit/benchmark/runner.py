@@ -68,6 +68,15 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
                          report.example_figure_path(out, detector, category),
                          f"{detector} on {category}", threshold=float(model.threshold_))
 
+    if hasattr(model, "example_figures"):
+        import torch
+
+        from anomalykit.data import AnomalyDataset
+
+        good = AnomalyDataset(trained.train_records[:8], model.image_size)
+        images = torch.stack([good[i]["image"] for i in range(len(good))])
+        report.save_training_figures(model, images, out, detector, category, seed=seed)
+
     paths = [r.path for r in trained.test_records]
     torch_ms = time_inference(TorchPredictor(model, device=str(model.device)), paths,
                               progress=progress, desc="time torch")
