@@ -68,6 +68,8 @@ class Estimator(nn.Module):
     registry_name: str = ""
     registry_kind: str = ""
     manual_optimization: bool = False
+    # Closed-form models (PCA, GMM) set this and override fit: the training loop hands over.
+    closed_form: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

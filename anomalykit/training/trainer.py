@@ -4,6 +4,12 @@ Seeding, device choice, progress bars, atomic checkpoints with resume, early
 stopping on the validation loss, and a clear error when a loss stops being
 finite. Models supply ``training_step`` and ``configure_optimizers`` (see
 :class:`anomalykit.base.Estimator`).
+
+Closed-form models (PCA, GMM) set the class attribute ``closed_form = True`` and
+override ``fit``; :func:`fit` hands them over to it, and they do the shared
+bookkeeping (seed, device, collecting the data, history) with
+:func:`fit_closed_form`, so ``fit(model, ...)`` and ``model.fit(...)`` accept the
+same options and return the same history for every model.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,17 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
 
     Returns the history: per-epoch mean losses, best epoch, seconds, steps.
     """
+    if getattr(model, "closed_form", False):
+        from anomalykit.base import Estimator
+
+        if type(model).fit is Estimator.fit:  # would hand back to this function forever
+            raise ConfigError(f"{type(model).__name__} sets closed_form = True but does not "
+                              "override fit")
+        return model.fit(train_data, val_data, epochs=epochs, max_steps=max_steps,
+                         batch_size=batch_size, num_workers=num_workers, device=device, seed=seed,
+                         out_dir=out_dir, resume=resume,
+                         early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
+                         progress=progress)
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if early_stopping_patience is not None and val_data is None:
@@ -94,6 +112,10 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                             info="")
         for epoch in range(start_epoch, epochs):
             seed_everything(seed + epoch)
+            # Optional hook, e.g. a learning-rate schedule set from the epoch (DRAEM's steps).
+            epoch_hook = getattr(model, "on_train_epoch_start", None)
+            if epoch_hook is not None:
+                epoch_hook(epoch, epochs, optimizers)
             generator = torch.Generator().manual_seed(seed + epoch)
             loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
                                generator=generator, num_workers=num_workers)
@@ -154,6 +176,89 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
 
     if best_state is not None and early_stopping_patience is not None:
         model.load_state_dict(best_state)
+    return history
+
+
+def collect_images(data, *, batch_size: int = 16, max_steps: int | None = None,
+                   num_workers: int = 0) -> torch.Tensor:
+    """Every ``batch["image"]`` of ``data`` (Dataset, DataLoader or tensor) as one CPU tensor.
+
+    In order, unshuffled: a closed-form fit does not depend on the data order. With
+    ``max_steps``, only the first ``max_steps`` batches are read (a "step" of a
+    closed-form model is one batch of data seen).
+    """
+    loader = as_loader(data, batch_size=batch_size, num_workers=num_workers)
+    batches = []
+    for batch in loader:
+        batches.append(batch["image"].detach().cpu())
+        if max_steps is not None and len(batches) >= max_steps:
+            break
+    if not batches:
+        raise ConfigError("the training set is empty")
+    return torch.cat(batches)
+
+
+@torch.no_grad()
+def fit_closed_form(model, train_data, val_data=None, *, solve: Callable[[torch.Tensor, int], None],
+                    loss: Callable[[torch.Tensor], torch.Tensor], epochs: int = 1,
+                    max_steps: int | None = None, batch_size: int = 16, num_workers: int = 0,
+                    device: str | torch.device = "auto", seed: int = 0,
+                    out_dir: str | Path | None = None, resume: bool = False,
+                    early_stopping_patience: int | None = None, grad_clip: float | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """The loop's bookkeeping for a closed-form model, with :func:`fit`'s options and history.
+
+    ``solve(images, seed)`` fits the model on all training images at once (a CPU tensor,
+    see :func:`collect_images`); ``loss(images)`` is the per-sample loss (N,) that the
+    history reports for the training and validation images. There are no iterations:
+    ``epochs``, ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted so
+    one config trains any model, and have no effect. With ``out_dir`` the fitted model is
+    written to ``last.ckpt`` like an iterative run's last epoch.
+    """
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    device = resolve_device(device)
+    seed_everything(seed)
+    started = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"fit {model.registry_name}", total=1, info="")
+        images = collect_images(train_data, batch_size=batch_size, max_steps=max_steps,
+                                num_workers=num_workers)
+        model.to("cpu")  # the linear algebra runs on the CPU (numpy/scipy/scikit-learn)
+        solve(images, seed)
+        model.to(device)
+
+        def mean_loss(data) -> float:
+            values = [loss(chunk.to(device)).double().sum().item()
+                      for chunk in data.split(max(1, batch_size))]
+            return sum(values) / len(data)
+
+        was_training = model.training
+        model.eval()
+        train_loss = mean_loss(images)
+        history: dict[str, Any] = {
+            "train_loss": [{"loss": train_loss}], "val_loss": [], "best_epoch": None,
+            "best_val_loss": None, "epochs_run": 1,
+            "steps": math.ceil(len(images) / max(1, batch_size)), "seconds": 0.0,
+            "stopped_early": False,
+        }
+        info = f"loss {train_loss:.4g}"
+        if val_data is not None:
+            val_loss = mean_loss(collect_images(val_data, batch_size=batch_size,
+                                                num_workers=num_workers))
+            history.update(val_loss=[val_loss], best_epoch=0, best_val_loss=val_loss)
+            info += f" val {val_loss:.4g}"
+        model.train(was_training)
+        history["seconds"] = time.perf_counter() - started
+        bar.update(task, advance=1, info=info)
+    for value in [train_loss, *history["val_loss"]]:
+        if not math.isfinite(value):
+            raise TrainingError(f"closed-form fit of {type(model).__name__} gave a loss of {value}: "
+                                "check the input data for NaN/inf values")
+    if out_dir is not None:
+        save_checkpoint(Path(out_dir) / LAST, model,
+                        training={"optimizers": [], "history": copy.deepcopy(history),
+                                  "best_state": None})
     return history
 
 
