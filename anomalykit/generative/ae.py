@@ -10,6 +10,17 @@ Usable on its own: ``fit`` (the toolkit loop), ``encode``/``decode``,
 ``reconstruct``, ``score`` (per-image reconstruction error) and ``sample``
 (decode draws from a diagonal Gaussian fitted to the training codes after
 ``fit``; an autoencoder has no prior of its own).
+
+Two variants train the same network on corrupted inputs:
+
+* ``denoising_ae`` (Vincent et al. 2008): Gaussian noise of std ``noise_std`` and/or
+  salt-and-pepper on a fraction ``salt_pepper`` of the pixels, loss against the clean image.
+* ``masked_ae`` (MAE-style, He et al. 2022, with a conv network instead of a ViT): a
+  fraction ``mask_ratio`` of the ``patch_size`` x ``patch_size`` patches is replaced by zeros
+  (or a learned per-channel fill) and the loss counts the masked patches only.
+
+The encoder and decoder are built from :func:`conv_stack` / :func:`deconv_stack`, which the
+VAE and VQ-VAE reuse.
 """
 
 from __future__ import annotations
@@ -56,26 +67,77 @@ def _act() -> nn.Module:
     return nn.LeakyReLU(0.2, inplace=True)
 
 
+def conv_stack(in_channels: int, widths, strides, batch_norm: bool) -> nn.Sequential:
+    """(B, in_channels, S, S) -> (B, widths[-1], S / 2**n2, S / 2**n2), n2 = stride-2 layers.
+
+    Stride 2 -> 4x4 conv, stride 1 -> 3x3 conv, each followed by [BatchNorm] and LeakyReLU 0.2.
+    The feature extractor of :class:`ConvEncoder` and of the VAE / VQ-VAE encoders.
+    """
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for width, stride in zip(widths, strides, strict=True):
+        kernel = 4 if stride == 2 else 3
+        layers.append(nn.Conv2d(c_in, width, kernel, stride, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width))
+        layers.append(_act())
+        c_in = width
+    return nn.Sequential(*layers)
+
+
+def deconv_stack(out_channels: int, widths, strides, batch_norm: bool) -> nn.Sequential:
+    """The mirror of :func:`conv_stack`: (B, widths[-1], s, s) -> (B, out_channels, S, S) logits.
+
+    The last layer has no activation (decoders add their own sigmoid).
+    """
+    layers: list[nn.Module] = []
+    outs = [out_channels, *widths[:-1]]
+    for i in reversed(range(len(widths))):
+        c_in, c_out, last = widths[i], outs[i], i == 0
+        if strides[i] == 2:
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, padding=1, bias=last or not batch_norm))
+        else:
+            layers.append(nn.Conv2d(c_in, c_out, 3, 1, padding=1, bias=last or not batch_norm))
+        if not last:
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(_act())
+    return nn.Sequential(*layers)
+
+
+def check_layout(image_size: int, widths, strides) -> None:
+    """ConfigError unless widths/strides match and image_size is a multiple of 2**(stride-2 layers)."""
+    if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
+        raise ConfigError(f"widths {list(widths)} and strides {list(strides)} must have the same "
+                          "length and strides must be 1 or 2")
+    factor = 2 ** sum(s == 2 for s in strides)
+    if image_size % factor or image_size < factor:
+        raise ConfigError(f"image_size {image_size} must be a multiple of {factor} "
+                          f"(2 ** number of stride-2 layers)")
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like ``x``; a CPU ``generator`` works for any device."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def _rand(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
 class ConvEncoder(nn.Module):
     """(B, C, S, S) -> (B, latent_dim). S must be divisible by 2**(number of stride-2 layers)."""
 
     def __init__(self, image_size: int, in_channels: int, widths, strides, latent_dim: int,
                  batch_norm: bool) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for width, stride in zip(widths, strides, strict=True):
-            kernel = 4 if stride == 2 else 3
-            layers.append(nn.Conv2d(c_in, width, kernel, stride, padding=1, bias=not batch_norm))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(width))
-            layers.append(_act())
-            c_in = width
-        self.features = nn.Sequential(*layers)
+        self.features = conv_stack(in_channels, widths, strides, batch_norm)
         self.bottom = image_size // 2 ** sum(s == 2 for s in strides)
         # The "dense" bottleneck: a kernel covering the whole map is a fully connected layer
         # that stays a convolution (cheap to export, no reshape of dynamic batch sizes).
-        self.to_latent = nn.Conv2d(c_in, latent_dim, self.bottom)
+        self.to_latent = nn.Conv2d(widths[-1], latent_dim, self.bottom)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.to_latent(self.features(x)).flatten(1)
@@ -88,19 +150,7 @@ class ConvDecoder(nn.Module):
                  batch_norm: bool) -> None:
         super().__init__()
         self.from_latent = nn.Sequential(nn.ConvTranspose2d(latent_dim, widths[-1], bottom), _act())
-        layers: list[nn.Module] = []
-        outs = [out_channels, *widths[:-1]]
-        for i in reversed(range(len(widths))):
-            c_in, c_out, last = widths[i], outs[i], i == 0
-            if strides[i] == 2:
-                layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, padding=1, bias=last or not batch_norm))
-            else:
-                layers.append(nn.Conv2d(c_in, c_out, 3, 1, padding=1, bias=last or not batch_norm))
-            if not last:
-                if batch_norm:
-                    layers.append(nn.BatchNorm2d(c_out))
-                layers.append(_act())
-        self.features = nn.Sequential(*layers)
+        self.features = deconv_stack(out_channels, widths, strides, batch_norm)
 
     def forward(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.features(self.from_latent(z[:, :, None, None])))
@@ -127,13 +177,7 @@ class AutoEncoder(GenerativeModel):
                  ssim_window: int = 11, lr: float = 2e-4, weight_decay: float = 0.0) -> None:
         super().__init__()
         check_choice("loss", loss, LOSSES)
-        if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
-            raise ConfigError(f"widths {list(widths)} and strides {list(strides)} must have the same "
-                              "length and strides must be 1 or 2")
-        factor = 2 ** sum(s == 2 for s in strides)
-        if image_size % factor or image_size < factor:
-            raise ConfigError(f"image_size {image_size} must be a multiple of {factor} "
-                              f"(2 ** number of stride-2 layers)")
+        check_layout(image_size, widths, strides)
         self.image_size, self.loss, self.ssim_window = image_size, loss, ssim_window
         self.lr, self.weight_decay = lr, weight_decay
         self.encoder = ConvEncoder(image_size, in_channels, widths, strides, latent_dim, batch_norm)
@@ -192,3 +236,131 @@ class AutoEncoder(GenerativeModel):
         """(n, C, S, S) decoded from codes drawn from the fitted latent Gaussian."""
         eps = torch.randn(n, self.latent_mean_.numel(), generator=generator).to(self.device)
         return self.decode(self.latent_mean_ + eps * self.latent_std_)
+
+
+@register_generative("denoising_ae")
+class DenoisingAutoEncoder(AutoEncoder):
+    """Denoising autoencoder (Vincent et al. 2008): reconstruct the clean image from a corrupted one.
+
+    Training corrupts the input with :meth:`corrupt`; the loss compares the reconstruction
+    with the clean image. ``reconstruct`` / ``score`` / ``sample`` see clean inputs.
+
+    Args:
+        image_size: S.
+        noise_std: std of the additive Gaussian noise (0 = none); the result is clamped to [0, 1].
+        salt_pepper: fraction of pixel positions set to 0 or 1 (all channels), 0 = none.
+        **kwargs: the :class:`AutoEncoder`'s arguments.
+    """
+
+    def __init__(self, image_size: int = 64, *, noise_std: float = 0.1, salt_pepper: float = 0.0,
+                 **kwargs) -> None:
+        super().__init__(image_size, **kwargs)
+        if noise_std < 0 or not 0.0 <= salt_pepper <= 1.0:
+            raise ConfigError(f"noise_std must be >= 0 and salt_pepper in [0, 1]; got "
+                              f"noise_std={noise_std}, salt_pepper={salt_pepper}")
+        self.noise_std, self.salt_pepper = noise_std, salt_pepper
+
+    def corrupt(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, S, S) in [0, 1] -> the corrupted copy, still in [0, 1]."""
+        noisy = x
+        if self.noise_std > 0:
+            noisy = (noisy + self.noise_std * randn_like(x, generator)).clamp(0.0, 1.0)
+        if self.salt_pepper > 0:
+            b, _, h, w = x.shape
+            hit = _rand((b, 1, h, w), x, generator) < self.salt_pepper
+            salt = (_rand((b, 1, h, w), x, generator) < 0.5).to(x.dtype)
+            noisy = torch.where(hit, salt.expand_as(noisy), noisy)
+        return noisy
+
+    def training_step(self, batch) -> dict[str, Tensor]:
+        x = batch["image"]
+        recon = self.decode(self.encode(self.corrupt(x)))
+        return {"loss": reconstruction_loss(x, recon, self.loss, ssim_window=self.ssim_window)}
+
+
+@register_generative("masked_ae")
+class MaskedAutoEncoder(AutoEncoder):
+    """Masked autoencoder: reconstruct randomly masked patches from the visible ones.
+
+    Training: per image, exactly ``round(mask_ratio * N)`` of the N patches of
+    ``patch_size`` x ``patch_size`` pixels are masked (MAE's random sampling without
+    replacement), masked pixels are replaced by 0 (or a learned per-channel value with
+    ``learned_fill``), and the loss (the :class:`AutoEncoder`'s measure) is averaged over the
+    masked pixels only.
+
+    Test time (``reconstruct``, hence ``score``): with ``test_draws=0`` (default) the
+    unmasked image is encoded once. With ``test_draws=k > 0`` the image is reconstructed
+    under k mask draws (seeded, so deterministic) and every pixel takes the mean of the
+    outputs of the draws in which it was masked, i.e. it is always *predicted from context*
+    (pixels no draw masked take the mean over all draws).
+
+    Args:
+        image_size: S, a multiple of ``patch_size``.
+        in_channels: C.
+        mask_ratio: fraction of patches masked while training, in (0, 1).
+        patch_size: side of a square patch.
+        learned_fill: a learned per-channel value for masked pixels instead of 0.
+        test_draws: number of mask draws averaged by ``reconstruct`` (0 = no masking).
+        **kwargs: the :class:`AutoEncoder`'s arguments.
+    """
+
+    def __init__(self, image_size: int = 64, *, in_channels: int = 3, mask_ratio: float = 0.5,
+                 patch_size: int = 8, learned_fill: bool = False, test_draws: int = 0,
+                 **kwargs) -> None:
+        super().__init__(image_size, in_channels=in_channels, **kwargs)
+        if not 0.0 < mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1); got {mask_ratio}")
+        if patch_size < 1 or image_size % patch_size:
+            raise ConfigError(f"patch_size {patch_size} must divide image_size {image_size}")
+        if test_draws < 0:
+            raise ConfigError(f"test_draws must be >= 0; got {test_draws}")
+        self.mask_ratio, self.patch_size, self.test_draws = mask_ratio, patch_size, test_draws
+        self.grid = image_size // patch_size
+        patches = self.grid ** 2
+        self.num_masked = min(max(1, round(mask_ratio * patches)), max(1, patches - 1))
+        self.fill = nn.Parameter(torch.zeros(in_channels)) if learned_fill else None
+
+    def random_mask(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """(n, 1, S, S) in {0, 1}, 1 = masked: ``num_masked`` random patches per image."""
+        noise = torch.rand(n, self.grid ** 2, generator=generator)
+        ranks = noise.argsort(dim=1).argsort(dim=1)  # a uniformly random permutation per row
+        mask = (ranks < self.num_masked).to(self.latent_mean_.dtype).view(n, 1, self.grid, self.grid)
+        p = self.patch_size
+        return mask.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3).to(self.device)
+
+    def mask_input(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Replace the masked pixels of (B, C, S, S) by 0 or the learned fill."""
+        visible = x * (1.0 - mask)
+        if self.fill is None:
+            return visible
+        return visible + self.fill.view(1, -1, 1, 1) * mask
+
+    def inpaint(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(B, C, S, S) reconstruction of ``x`` seen through ``mask`` (B, 1, S, S)."""
+        return self.decode(self.encode(self.mask_input(x, mask)))
+
+    def masked_loss(self, x: Tensor, recon: Tensor, mask: Tensor) -> Tensor:
+        """Scalar: the per-pixel error under ``loss`` averaged over masked pixels only."""
+        err = reconstruction_error_map(x, recon, self.loss, ssim_window=self.ssim_window)
+        return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def training_step(self, batch) -> dict[str, Tensor]:
+        x = batch["image"]
+        mask = self.random_mask(x.shape[0])
+        return {"loss": self.masked_loss(x, self.inpaint(x, mask), mask)}
+
+    def reconstruct(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, S, S): unmasked decode, or the masked-pixel average over ``test_draws`` draws."""
+        if self.test_draws == 0:
+            return self.decode(self.encode(x))
+        generator = generator or torch.Generator().manual_seed(0)
+        total = torch.zeros_like(x)
+        plain = torch.zeros_like(x)
+        count = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+        for _ in range(self.test_draws):
+            mask = self.random_mask(x.shape[0], generator=generator)
+            recon = self.inpaint(x, mask)
+            total = total + recon * mask
+            plain = plain + recon
+            count = count + mask
+        return torch.where(count > 0, total / count.clamp_min(1.0), plain / self.test_draws)
