@@ -79,3 +79,64 @@ def ssim_map(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5,
 def ssim_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
     """Scalar 1 - mean SSIM."""
     return 1.0 - ssim_map(x, y, **kwargs).mean()
+
+
+# -- gradient magnitude similarity (GMSD, Xue et al. 2014; MSGMS as in RIAD) ---------------------
+
+# Prewitt kernels with the 1/3 normalisation of GMSD, so that c = 0.0026 (= 170 / 255^2)
+# is meant for intensities in [0, 1].
+_PREWITT_X = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]]) / 3.0
+
+
+def gradient_magnitude(x: Tensor, *, eps: float = 1e-12) -> Tensor:
+    """Prewitt gradient magnitude of the luminance: (B, C, H, W) -> (B, 1, H, W).
+
+    Colour images are reduced to grayscale by the channel mean first, as GMSD
+    and the public RIAD implementations do (structure, not hue). Reflect
+    padding keeps the size without inventing edges at the border. ``eps``
+    keeps the square root differentiable where the gradient is zero.
+    """
+    gray = x.mean(dim=1, keepdim=True)
+    kx = _PREWITT_X.to(device=x.device, dtype=x.dtype).view(1, 1, 3, 3)
+    ky = kx.transpose(2, 3)
+    padded = F.pad(gray, (1, 1, 1, 1), mode="reflect")
+    gx, gy = F.conv2d(padded, kx), F.conv2d(padded, ky)
+    return torch.sqrt(gx * gx + gy * gy + eps)
+
+
+def gms_map(x: Tensor, y: Tensor, *, c: float = 0.0026) -> Tensor:
+    """Gradient magnitude similarity (2 g_x g_y + c) / (g_x^2 + g_y^2 + c): (B, 1, H, W) in (0, 1].
+
+    x, y: (B, C, H, W) with intensities in [0, 1] (``c`` assumes that range).
+    """
+    gx, gy = gradient_magnitude(x), gradient_magnitude(y)
+    return (2 * gx * gy + c) / (gx * gx + gy * gy + c)
+
+
+def msgms_map(x: Tensor, y: Tensor, *, scales: int = 4, c: float = 0.0026) -> Tensor:
+    """Multi-scale GMS distance map (as in RIAD): (B, C, H, W) x2 -> (B, 1, H, W) in [0, 1).
+
+    GMS at ``scales`` scales (each a 2x2 average pooling of the previous), each
+    map upsampled bilinearly back to H x W; the map is 1 - their mean, so 0
+    where the two images have the same local structure. Images in [0, 1].
+    """
+    size = x.shape[-2:]
+    total = x.new_zeros(x.shape[0], 1, *size)
+    for scale in range(scales):
+        if scale > 0:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        gms = gms_map(x, y, c=c)
+        if scale > 0:
+            gms = F.interpolate(gms, size=size, mode="bilinear", align_corners=False)
+        total = total + gms
+    return 1.0 - total / scales
+
+
+def msgms_loss(x: Tensor, y: Tensor, *, scales: int = 4, c: float = 0.0026) -> Tensor:
+    """Scalar MSGMS loss: mean over scales of mean(1 - GMS) at each scale's own resolution."""
+    total = x.new_zeros(())
+    for scale in range(scales):
+        if scale > 0:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        total = total + (1.0 - gms_map(x, y, c=c)).mean()
+    return total / scales
