@@ -525,3 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     _argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never go online at run time
     app(args=_argv, prog_name="anomalykit")
+
+
+if __name__ == "__main__":  # python -m anomalykit.cli (python -m anomalykit also works)
+    main()

@@ -26,9 +26,17 @@ _REGISTRY: dict[str, dict[str, type]] = {"detector": {}, "generative": {}}
 _MODULES = (
     "anomalykit.generative.ae",
     "anomalykit.generative.flows",
+    "anomalykit.generative.pca",
+    "anomalykit.generative.gmm",
+    "anomalykit.detectors.pca",
+    "anomalykit.generative.vae",
+    "anomalykit.generative.vqvae",
     "anomalykit.detectors.ae",
+    "anomalykit.detectors.vae",
     "anomalykit.detectors.fastflow",
     "anomalykit.detectors.differnet",
+    "anomalykit.detectors.riad",
+    "anomalykit.detectors.draem",
 )
 _loaded = False
 

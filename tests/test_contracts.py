@@ -64,8 +64,8 @@ def test_one_training_step_changes_weights(name):
 def test_calibrate_sets_threshold_from_good_images(name):
     detector = build(name)
     threshold = detector.calibrate(images(5, seed=1))
-    with torch.no_grad():
-        scores = detector(images(5, seed=1)).score
+    with torch.no_grad():  # inference mode, as calibrate's (BatchNorm uses running statistics)
+        scores = detector.eval()(images(5, seed=1)).score
     assert detector.calibrated_.item()
     assert threshold == pytest.approx(float(scores.max()), rel=1e-5)
     norm = detector.normalized_score(scores)
