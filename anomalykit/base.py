@@ -109,6 +109,15 @@ class Estimator(nn.Module):
         """Loss on held-out good images; by default the training loss without gradients."""
         return self.training_step(batch)
 
+    def on_train_epoch_start(self, epoch: int, epochs: int,
+                             optimizers: list[torch.optim.Optimizer]) -> None:
+        """Called by the trainer before each epoch (0-based ``epoch`` of ``epochs``); no-op.
+
+        ``optimizers`` are those of :meth:`configure_optimizers`, as a list. Override for
+        per-epoch state that must survive a resume without saving anything, e.g. a
+        learning rate set from the epoch (DRAEM's steps).
+        """
+
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         raise NotImplementedError(f"{type(self).__name__} does not implement configure_optimizers")
 

@@ -16,8 +16,9 @@ from anomalykit.data.anomaly_synthesis import (
     perlin_mask,
     perlin_noise_2d,
 )
-from anomalykit.detectors.draem import DraemDetector, focal_loss
-from anomalykit.errors import DataError
+from anomalykit.detectors.draem import DraemDetector
+from anomalykit.errors import ConfigError, DataError
+from anomalykit.nn.functional import focal_loss
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -123,7 +124,7 @@ def test_texture_folder_loading_and_errors(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="holds no image files"):
         AnomalySource(empty)
     with pytest.raises(DataError, match="does not exist"):
         AnomalySource(tmp_path / "missing")
@@ -164,6 +165,17 @@ def test_lr_steps_at_80_and_90_percent():
         rates.append(opt.param_groups[1]["lr"])
     assert rates[:8] == [1e-3] * 8
     assert rates[8] == pytest.approx(2e-4) and rates[9] == pytest.approx(4e-5)
+    # round, not int: 0.29 * 100 = 28.999..., so the step is at epoch 29, not 28
+    model = DraemDetector(image_size=32, recon_base=4, disc_base=4, disc_levels=5, lr=1.0,
+                          lr_milestones=[0.29])
+    assert model.lr_at(28, 100) == 1.0 and model.lr_at(29, 100) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("milestones", [[0.9, 0.8], [0.0, 0.5], [0.5, 1.5]])
+def test_bad_lr_milestones_raise(milestones):
+    with pytest.raises(ConfigError, match=rf"lr_milestones .* got \[{milestones[0]}, {milestones[1]}\]"):
+        DraemDetector(image_size=32, recon_base=4, disc_base=4, disc_levels=5,
+                      lr_milestones=milestones)
 
 
 def test_validation_loss_is_deterministic():

@@ -90,9 +90,11 @@ def test_pca_samples_are_seeded_and_follow_the_model(digits):
     a = model.sample(4000, generator=torch.Generator().manual_seed(0))
     b = model.sample(4000, generator=torch.Generator().manual_seed(0))
     assert a.shape == (4000, 64) and torch.equal(a, b)
-    # along a component: the component's variance plus the isotropic noise's
-    ratio = model.project(a).var(0) / (model.explained_variance_ + model.noise_variance_)
+    # the covariance log_prob scores: lambda along each component, sigma^2 across them
+    ratio = model.project(a).var(0) / model.explained_variance_
     assert float((ratio - 1).abs().max()) < 0.1, ratio
+    across = (a - model.reconstruct(a)).pow(2).sum(1).mean() / (64 - model.k)
+    assert float(across / model.noise_variance_) == pytest.approx(1.0, abs=0.05)
     exact = model.sample(10, generator=torch.Generator().manual_seed(0), noise=False)
     assert torch.allclose(model.reconstruct(exact), exact, atol=1e-3)  # in the subspace
 

@@ -58,6 +58,15 @@ def test_masks_reject_cells_that_do_not_divide_the_image():
         RIADDetector(40, cell_sizes=[2, 4], widths=[4, 8, 8, 8, 8])
 
 
+
+def test_riad_rejects_an_even_map_filter_and_too_many_msgms_scales():
+    with pytest.raises(ConfigError, match="map_filter_size .* odd .* got 4"):
+        RIADDetector(32, cell_sizes=[2], widths=[4, 8], map_filter_size=4)
+    with pytest.raises(ConfigError, match="msgms_scales=4 .* image_size=8"):
+        RIADDetector(8, cell_sizes=[2], widths=[4, 8])
+    RIADDetector(8, cell_sizes=[2], widths=[4, 8], msgms_scales=3)  # 8 >> 2 = 2 is enough
+
+
 # -- MSGMS -----------------------------------------------------------------------------------
 
 def test_msgms_is_zero_for_identical_images_and_bounded_otherwise():
@@ -138,6 +147,17 @@ def test_reconstruction_takes_each_output_where_its_input_was_hidden():
         # copy i shows exactly the cells outside group i
         assert torch.equal(masked[i] * hidden[i], torch.zeros_like(masked[i]))
         assert torch.allclose(masked[i] * (1 - hidden[i]), normed * (1 - hidden[i]))
+
+
+def test_validation_loss_is_deterministic():
+    detector = RIADDetector(16, cell_sizes=[2, 4], widths=[4, 8]).eval()
+    batch = {"image": rand(2, 3, 16, 16)}
+    torch.manual_seed(0)
+    a = detector.validation_step(batch)
+    torch.manual_seed(1)  # validation must not depend on the global generator
+    b = detector.validation_step(batch)
+    assert set(a) == {"loss", "l2", "msgms", "ssim"}
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_test_masks_are_fixed_by_the_seed():

@@ -69,6 +69,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert torch.allclose(value, resumed.state_dict()[key], atol=1e-7), key
 
 
+class SizedDetector(LinearDetector):
+    """LinearDetector with a buffer whose shape is only known once it has seen data."""
+
+    def __init__(self, image_size: int = 8, *, lr: float = 0.05):
+        super().__init__(image_size, lr=lr)
+        self.register_buffer("channel_mean_", torch.zeros(0))
+
+    def training_step(self, batch):
+        self.channel_mean_ = batch["image"].mean((0, 2, 3))  # (0,) -> (3,)
+        return super().training_step(batch)
+
+
+def test_resume_resizes_fit_sized_buffers(tmp_path):
+    fit(SizedDetector(), data(), epochs=1, batch_size=4, out_dir=tmp_path, progress=False,
+        device="cpu")
+    resumed = SizedDetector()
+    history = fit(resumed, data(), epochs=2, batch_size=4, out_dir=tmp_path, resume=True,
+                  progress=False, device="cpu")
+    assert history["epochs_run"] == 2 and resumed.channel_mean_.shape == (3,)
+
+
 def test_early_stopping_restores_best_weights():
     model = LinearDetector(lr=0.05)
     # validation on different data so that the loss plateaus; patience 1 must stop early

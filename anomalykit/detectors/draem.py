@@ -37,7 +37,7 @@ from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.errors import ConfigError
-from anomalykit.nn.functional import ssim_loss
+from anomalykit.nn.functional import focal_loss, ssim_loss
 from anomalykit.nn.unet import UNet
 from anomalykit.registry import register_detector
 
@@ -49,21 +49,6 @@ PAPER_POOL = 21
 def level_widths(base: int, levels: int) -> list[int]:
     """DRAEM's channel progression ``base * (1, 2, 4, 8, 8, ...)`` over ``levels`` blocks."""
     return [base * min(2 ** i, 8) for i in range(levels)]
-
-
-def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
-    """Mean focal loss (Lin et al. 2017) of (B, K, H, W) logits against integer labels.
-
-    target: (B, 1, H, W) or (B, H, W) with values in [0, K). ``gamma = 0`` is cross-entropy.
-    """
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    log_p = F.log_softmax(logits, dim=1)
-    log_pt = log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
-    if gamma == 0:
-        return -log_pt.mean()
-    pt = log_pt.exp()
-    return -((1.0 - pt).clamp_min(0.0) ** gamma * log_pt).mean()
 
 
 @register_detector("draem")
@@ -112,6 +97,10 @@ class DraemDetector(Detector):
             pool = int(score_pool_size)
             if pool < 1 or pool % 2 == 0:
                 raise ConfigError(f"score_pool_size must be a positive odd number; got {pool}")
+        milestones = tuple(lr_milestones)
+        if not all(0.0 < m <= 1.0 for m in milestones) or list(milestones) != sorted(milestones):
+            raise ConfigError("lr_milestones must be sorted fractions of the epochs, each in (0, 1]; "
+                              f"got {list(milestones)}")
         self.image_size = image_size
         self.score_pool = min(pool, image_size - 1 + image_size % 2)
         self.texture_dir = texture_dir
@@ -120,7 +109,7 @@ class DraemDetector(Detector):
             "max_scale": perlin_max_scale, "threshold": perlin_threshold,
         }
         self.focal_gamma, self.ssim_window = focal_gamma, ssim_window
-        self.lr, self.lr_milestones, self.lr_gamma = lr, tuple(lr_milestones), lr_gamma
+        self.lr, self.lr_milestones, self.lr_gamma = lr, milestones, lr_gamma
         self.set_normalization("none")  # DRAEM works on [0, 1] images
         self.reconstructive = UNet(3, 3, level_widths(recon_base, recon_levels), skip=False,
                                    upsample="bilinear", out_activation=None)
@@ -187,7 +176,8 @@ class DraemDetector(Detector):
 
     def lr_at(self, epoch: int, epochs: int) -> float:
         """The rate of ``epoch`` (0-based) out of ``epochs``: multi-step decay at the milestones."""
-        drops = sum(epoch >= int(m * epochs) for m in self.lr_milestones)
+        # round, not int: int(0.29 * 100) is 28 (0.29 * 100 = 28.999...).
+        drops = sum(epoch >= round(m * epochs) for m in self.lr_milestones)
         return self.lr * self.lr_gamma**drops
 
     def on_train_epoch_start(self, epoch: int, epochs: int, optimizers) -> None:

@@ -83,10 +83,11 @@ class RIADDetector(Detector):
         widths, upsample, norm: the :class:`~anomalykit.nn.unet.UNet`'s (paper:
             64-128-256-512-512, transposed convs, batch norm; tanh output).
         l2_weight, msgms_weight, ssim_weight: loss weights (paper: 1, 1, 1).
-        msgms_scales: scales of MSGMS in the loss and the map (paper: 4).
+        msgms_scales: scales of MSGMS in the loss and the map (paper: 4); the coarsest,
+            ``image_size >> (msgms_scales - 1)``, must be at least 2 px.
         ssim_window: SSIM window of the loss (11).
         map_filter_size: mean-filter window of the map; None = 21 at 256 px, scaled
-            with ``image_size`` (odd, at least 1).
+            with ``image_size``; must be odd.
         mask_seed: seed of the fixed test masks.
         lr, weight_decay: Adam (paper: 1e-4, 1e-5).
     """
@@ -114,12 +115,20 @@ class RIADDetector(Detector):
                               f"(2 ** (len(widths) - 1), widths={list(widths)})")
         if n_masks < 1:
             raise ConfigError(f"n_masks must be >= 1; got {n_masks}")
+        # msgms pads each scale by 1 with reflect padding, which needs a side >= 2 at the
+        # coarsest scale (each scale halves the side, flooring).
+        if msgms_scales < 1 or image_size >> (msgms_scales - 1) < 2:
+            raise ConfigError(f"msgms_scales={msgms_scales} needs image_size >> (msgms_scales - 1)"
+                              f" >= 2 (msgms_scales >= 1); image_size={image_size} is too small")
         if map_filter_size is None:
             map_filter_size = 2 * round((21 * image_size / PAPER_IMAGE_SIZE - 1) / 2) + 1
+        elif map_filter_size < 1 or map_filter_size % 2 == 0:
+            # An even window would make the mean-filtered map one pixel larger than the input.
+            raise ConfigError(f"map_filter_size must be a positive odd number; got {map_filter_size}")
         self.image_size, self.cell_sizes, self.n_masks = image_size, cell_sizes, n_masks
         self.weights = (l2_weight, msgms_weight, ssim_weight)
         self.msgms_scales, self.ssim_window = msgms_scales, ssim_window
-        self.map_filter_size = max(1, int(map_filter_size))
+        self.map_filter_size = int(map_filter_size)
         self.lr, self.weight_decay = lr, weight_decay
         self.set_normalization("symmetric")  # tanh output: the U-Net works in [-1, 1]
         self.unet = UNet(3, 3, widths, skip=True, upsample=upsample, norm=norm,
@@ -155,7 +164,23 @@ class RIADDetector(Detector):
         # per epoch by the trainer, so runs are reproducible).
         k = self.cell_sizes[int(torch.randint(len(self.cell_sizes), ()).item())]
         hidden = disjoint_grid_masks(self.image_size, k, self.n_masks).to(x)
-        recon = self.inpaint(x, hidden.unsqueeze(0))[0]
+        return self._losses(x, self.inpaint(x, hidden.unsqueeze(0))[0])
+
+    @torch.no_grad()
+    def validation_step(self, batch) -> dict[str, Tensor]:
+        """The training loss with the fixed ``test_masks``, averaged over every cell size.
+
+        No random cell size or masks, so the validation loss of the same weights is the
+        same number every epoch and early stopping compares like with like.
+        """
+        x = self.normalize_input(batch["image"])
+        recon = self.inpaint(x, self.test_masks)  # (K, B, 3, S, S)
+        # Every term is a mean over equal-sized per-cell-size groups, so the loss of the
+        # stacked (K * B) batch is the mean of the K cell sizes' losses.
+        return self._losses(x.unsqueeze(0).expand_as(recon).flatten(0, 1), recon.flatten(0, 1))
+
+    def _losses(self, x: Tensor, recon: Tensor) -> dict[str, Tensor]:
+        """L2 + MSGMS + SSIM (weighted) of recon against x, both (B, 3, S, S) normalised."""
         l2 = F.mse_loss(recon, x)
         recon01, x01 = self.to_unit_range(recon), self.to_unit_range(x)
         gms = msgms_loss(recon01, x01, scales=self.msgms_scales)

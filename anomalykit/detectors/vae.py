@@ -65,6 +65,11 @@ class VAEDetector(Detector):
     def training_step(self, batch) -> dict[str, Tensor]:
         return self.vae.training_step({"image": self.normalize_input(batch["image"])})
 
+    @torch.no_grad()
+    def validation_step(self, batch) -> dict[str, Tensor]:
+        """The VAE's deterministic validation loss (z = mu, see :meth:`VAE.validation_step`)."""
+        return self.vae.validation_step({"image": self.normalize_input(batch["image"])})
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.vae.configure_optimizers()
 

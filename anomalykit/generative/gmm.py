@@ -45,16 +45,11 @@ from torch import Tensor
 
 from anomalykit.base import GenerativeModel, check_choice
 from anomalykit.errors import ConfigError, DataError
+from anomalykit.generative.pca import _flatten
 from anomalykit.registry import register_generative
 
 CovarianceType = Literal["full", "tied", "diag", "spherical"]
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-
-
-def _flatten(x: Tensor) -> Tensor:
-    if x.dim() < 2:
-        raise DataError(f"expected a batch (N, D), got shape {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1)
 
 
 @register_generative("gmm")

@@ -115,7 +115,7 @@ def pca_eigh(x: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.nda
 
 
 def _flatten(x: Tensor) -> Tensor:
-    """(N, ...) -> (N, D)."""
+    """(N, ...) -> (N, D); shared by the PCA and GMM models."""
     if x.dim() < 2:
         raise DataError(f"expected a batch (N, D) or (N, C, H, W), got shape {tuple(x.shape)}")
     return x.reshape(x.shape[0], -1)
@@ -281,12 +281,19 @@ class PCA(GenerativeModel):
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                noise: bool = True) -> Tensor:
         """(n, D) draws from the PPCA model; ``noise=False`` leaves out the isotropic residual
-        (the samples then lie exactly in the subspace and look cleaner)."""
+        (the samples then lie exactly in the subspace and look cleaner).
+
+        The covariance is the one :meth:`log_prob` scores, U diag(lambda) U^T +
+        sigma^2 (I - U U^T): variance lambda_i along component i, sigma^2 across it.
+        """
         self._check_fitted("sample")
         z = torch.randn(n, self.k, generator=generator).to(self.mean_)
         x = self.mean_ + (z * self.explained_variance_.sqrt()) @ self.components_
         if noise:
             eps = torch.randn(n, self.mean_.numel(), generator=generator).to(self.mean_)
+            # Project the noise out of the subspace: lambda already is the whole variance
+            # along each component, so isotropic noise there would make it lambda + sigma^2.
+            eps = eps - (eps @ self.components_.T) @ self.components_
             x = x + eps * self.noise_variance_.sqrt()
         return x
 

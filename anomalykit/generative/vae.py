@@ -148,9 +148,22 @@ class VAE(GenerativeModel):
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch) -> dict[str, Tensor]:
-        x = batch["image"]
+        return self._losses(batch["image"], sample=True)
+
+    @torch.no_grad()
+    def validation_step(self, batch) -> dict[str, Tensor]:
+        """The training loss with z = mu instead of a random draw: deterministic.
+
+        recon is the NLL of the posterior-mean decode (as in :meth:`score`), plus beta * KL;
+        the same weights give the same number every epoch, so early stopping compares like
+        with like.
+        """
+        return self._losses(batch["image"], sample=False)
+
+    def _losses(self, x: Tensor, *, sample: bool) -> dict[str, Tensor]:
+        """Batch means of the beta-ELBO terms for x (B, C, S, S); z drawn from q(z|x) or z = mu."""
         mu, logvar = self.encode(x)
-        recon = self.decode(reparameterize(mu, logvar))
+        recon = self.decode(reparameterize(mu, logvar) if sample else mu)
         nll = self.reconstruction_nll(x, recon).mean()
         kl = kl_divergence(mu, logvar).mean()
         return {"loss": nll + self.beta * kl, "recon": nll.detach(), "kl": kl.detach(),

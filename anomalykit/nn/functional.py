@@ -81,6 +81,21 @@ def ssim_loss(x: Tensor, y: Tensor, **kwargs) -> Tensor:
     return 1.0 - ssim_map(x, y, **kwargs).mean()
 
 
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Mean focal loss (Lin et al. 2017) of (B, K, H, W) logits against integer labels.
+
+    target: (B, 1, H, W) or (B, H, W) with values in [0, K). ``gamma = 0`` is cross-entropy.
+    """
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    log_p = F.log_softmax(logits, dim=1)
+    log_pt = log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    if gamma == 0:
+        return -log_pt.mean()
+    pt = log_pt.exp()
+    return -((1.0 - pt).clamp_min(0.0) ** gamma * log_pt).mean()
+
+
 # -- gradient magnitude similarity (GMSD, Xue et al. 2014; MSGMS as in RIAD) ---------------------
 
 # Prewitt kernels with the 1/3 normalisation of GMSD, so that c = 0.0026 (= 170 / 255^2)

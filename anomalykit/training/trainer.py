@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from anomalykit.errors import ConfigError, TrainingError
-from anomalykit.training.checkpoint import read_checkpoint, save_checkpoint
+from anomalykit.training.checkpoint import load_state_into, read_checkpoint, save_checkpoint
 from anomalykit.training.inference import as_loader
 from anomalykit.training.progress import progress_bar
 from anomalykit.training.seed import resolve_device, seed_everything
@@ -98,7 +98,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             raise ConfigError("resume=True needs out_dir, where last.ckpt lives")
         if last_path.exists():
             state = read_checkpoint(last_path, map_location=device)
-            model.load_state_dict(state["state_dict"])
+            # Resizes buffers whose shape is only known after fitting, as load_model does.
+            load_state_into(model, state["state_dict"], source=str(last_path))
             for opt, opt_state in zip(optimizers, state["training"]["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
             history = state["training"]["history"]
@@ -112,10 +113,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                             info="")
         for epoch in range(start_epoch, epochs):
             seed_everything(seed + epoch)
-            # Optional hook, e.g. a learning-rate schedule set from the epoch (DRAEM's steps).
-            epoch_hook = getattr(model, "on_train_epoch_start", None)
-            if epoch_hook is not None:
-                epoch_hook(epoch, epochs, optimizers)
+            model.on_train_epoch_start(epoch, epochs, optimizers)
             generator = torch.Generator().manual_seed(seed + epoch)
             loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
                                generator=generator, num_workers=num_workers)
@@ -175,7 +173,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                 break
 
     if best_state is not None and early_stopping_patience is not None:
-        model.load_state_dict(best_state)
+        load_state_into(model, best_state, source="best_state")
     return history
 
 
