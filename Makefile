@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 # torch first and pinned: this build is on the machines' local disk (no multi-GB download).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-BENCH_OUT ?= benchmarks/results/synthetic
+BENCH_OUT ?= runs/benchmark
+# e.g. make benchmark BENCH_DETECTORS=ae,ae_ssim,pca,vae,riad,draem,fastflow,differnet
+BENCH_DETECTORS ?= ae,ae_ssim
 BENCH_ARGS ?=
 
 .PHONY: install test benchmark lint clean
@@ -22,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 benchmark: $(STAMP)
-	$(BIN)/anomalykit benchmark --detectors ae,ae_ssim --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/anomalykit benchmark --detectors $(BENCH_DETECTORS) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check anomalykit tests benchmarks deploy

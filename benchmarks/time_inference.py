@@ -11,10 +11,12 @@ detector, post-processing), so both runtimes do the same work:
 Models come either from checkpoints (``--checkpoints a.ckpt b.ckpt``, or every
 ``runs/<detector>/<category>/model.ckpt`` under ``--runs DIR``, what ``anomalykit benchmark``
 writes) or, by default, are built from each detector's config (``--config quick``) with
-their initial weights: the arithmetic, hence the time, does not depend on the weight values.
+their initial weights: the arithmetic, hence the time, does not depend on the weight values
+(closed-form models, whose size is set by the fit, are fitted on 64 random images first).
 
 For each model and batch size: ``--warmup`` calls, then ``--repeats`` timed calls on the same
-batch of random frames of ``--frame-size``; the median is reported in ms per batch and ms per
+batch of random frames of ``--frame-size``, PyTorch and onnxruntime taking turns in blocks
+of 10 calls; the median is reported in ms per batch and ms per
 image, and the ratio onnxruntime / PyTorch (< 1: onnxruntime is faster).
 
     python benchmarks/time_inference.py --out benchmarks/results/inference_cpu
@@ -51,16 +53,28 @@ FIELDS = ["detector", "source", "image_size", "batch", "torch_ms_batch", "onnx_m
           "torch_ms_image", "onnx_ms_image", "onnx_over_torch"]
 
 
-def median_ms(predict, frames: np.ndarray, *, warmup: int, repeats: int) -> float:
-    """Median wall time in ms of ``predict(frames)`` over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        predict(frames)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        predict(frames)  # both return numpy arrays: the work is finished when it returns
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000.0
+def median_ms(predictors, frames: np.ndarray, *, warmup: int, repeats: int,
+              block: int = 10) -> list[float]:
+    """Median wall time in ms of each ``predict(frames)`` over ``repeats`` calls after ``warmup``.
+
+    The predictors take turns in blocks of ``block`` calls (A A A.. B B B.. A A A..), so a
+    slow spell of a shared machine hits both alike (timed once each, one after the other, the
+    ratio swung by +-40 % between runs). Blocks rather than single alternating calls:
+    onnxruntime's worker threads keep spinning briefly after a run and would slow a PyTorch
+    call that follows at once.
+    """
+    for predict in predictors:
+        for _ in range(warmup):
+            predict(frames)
+    times: list[list[float]] = [[] for _ in predictors]
+    while len(times[0]) < repeats:
+        for predict, record in zip(predictors, times, strict=True):
+            predict(frames)  # one untimed call after the switch
+            for _ in range(min(block, repeats - len(record))):
+                started = time.perf_counter()
+                predict(frames)  # returns numpy arrays: the work is finished when it returns
+                record.append(time.perf_counter() - started)
+    return [statistics.median(record) * 1000.0 for record in times]
 
 
 def models_to_time(args: argparse.Namespace) -> list[tuple[str, str, torch.nn.Module]]:
@@ -80,7 +94,16 @@ def models_to_time(args: argparse.Namespace) -> list[tuple[str, str, torch.nn.Mo
     for name in names:
         model_cfg = load_config(name, args.config)["model"]
         torch.manual_seed(args.seed)
-        models.append((name, f"{args.config} config, initial weights", create(name, **model_cfg).eval()))
+        detector = create(name, **model_cfg)
+        source = f"{args.config} config, initial weights"
+        if detector.closed_form:
+            # An unfitted closed-form model (PCA) has no components: fit it on random images
+            # first, so the timed arithmetic is that of a fitted model.
+            images = torch.rand(64, 3, detector.image_size, detector.image_size,
+                                generator=torch.Generator().manual_seed(args.seed))
+            detector.fit(images, batch_size=64, device="cpu", progress=False)
+            source = f"{args.config} config, closed-form models fitted on 64 random images"
+        models.append((name, source, detector.eval()))
     return models
 
 
@@ -93,8 +116,8 @@ def time_model(name: str, source: str, detector: torch.nn.Module, args: argparse
     rows = []
     for batch in args.batch_sizes:
         frames = rng.integers(0, 256, (batch, args.frame_size, args.frame_size, 3), dtype=np.uint8)
-        torch_ms = median_ms(torch_predictor.predict, frames, warmup=args.warmup, repeats=args.repeats)
-        onnx_ms = median_ms(onnx_predictor.predict, frames, warmup=args.warmup, repeats=args.repeats)
+        torch_ms, onnx_ms = median_ms([torch_predictor.predict, onnx_predictor.predict], frames,
+                                      warmup=args.warmup, repeats=args.repeats)
         rows.append({
             "detector": name, "source": source, "image_size": int(detector.image_size),
             "batch": batch, "torch_ms_batch": round(torch_ms, 2), "onnx_ms_batch": round(onnx_ms, 2),
@@ -119,7 +142,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         f"- command: `{command}`",
         f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads for torch and onnxruntime; torch {torch.__version__}",
-        "- median of the timed calls after warm-up, uint8 frames resized inside the model; "
+        "- median of the timed calls after warm-up (the two runtimes take turns in blocks of 10 "
+        "calls), uint8 frames resized inside the model; "
         "ratio = onnxruntime / PyTorch (< 1: onnxruntime faster)",
         "",
         "| detector | size | batch | torch ms/batch | onnx ms/batch | torch ms/img | onnx ms/img | "
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--frame-size", type=int, default=256, help="side of the input frames")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
