@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from anomalykit.data import EASY_CATEGORY, generate_synthetic
 from anomalykit.detectors.riad import RIADDetector, disjoint_grid_masks
 from anomalykit.errors import ConfigError
 from anomalykit.nn.functional import gms_map, gradient_magnitude, msgms_loss, msgms_map
 from anomalykit.nn.unet import UNet
-from anomalykit.pipeline import evaluate_detector, train_detector
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -166,16 +164,3 @@ def test_test_masks_are_fixed_by_the_seed():
     assert a.test_masks.shape == (2, 3, 1, 32, 32)
     assert torch.equal(a.test_masks, b.test_masks)
     assert torch.equal(a.test_masks.sum(1), torch.ones(2, 1, 32, 32))
-
-
-@pytest.mark.slow
-def test_riad_learns_on_easy_category(tmp_path):
-    root = generate_synthetic(tmp_path / "data", categories=[EASY_CATEGORY], image_size=64,
-                              n_train=48, n_test_good=12, n_test_defect=20, seed=0)
-    result = train_detector("riad", root=root, category=EASY_CATEGORY, config="quick",
-                            overrides=["epochs=12"], out_dir=tmp_path / "run", seed=0,
-                            progress=False)
-    metrics = evaluate_detector(result.detector, result.test_records, progress=False).metrics
-    # measured (seed 0): image 0.983, pixel 0.981; seed 1 gives 0.875 / 0.977
-    assert metrics["image_auroc"] >= 0.85, metrics
-    assert metrics["pixel_auroc"] >= 0.93, metrics

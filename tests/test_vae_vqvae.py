@@ -350,20 +350,3 @@ def test_generative_round_trip_keeps_learned_state(tmp_path):
 
 
 # -- the detector ------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_vae_detector_learns_the_easy_category(tmp_path):
-    from anomalykit.data import EASY_CATEGORY, generate_synthetic
-    from anomalykit.pipeline import evaluate_detector, train_detector
-
-    root = generate_synthetic(tmp_path / "data", categories=[EASY_CATEGORY], image_size=64,
-                              n_train=48, n_test_good=12, n_test_defect=20, seed=0)
-    result = train_detector("vae", root=root, category=EASY_CATEGORY, config="quick",
-                            overrides=["epochs=30"], out_dir=tmp_path / "run", seed=0,
-                            progress=False)
-    metrics = evaluate_detector(result.detector, result.test_records, progress=False).metrics
-    # measured 0.93 image / 0.99 pixel AUROC with seed 0 (seeds 1, 2: 0.90, 0.62, see
-    # configs/vae/quick.yaml); chance is 0.5
-    assert metrics["image_auroc"] >= 0.75, metrics
-    assert metrics["pixel_auroc"] >= 0.9, metrics
