@@ -212,3 +212,22 @@ def test_missing_model_exits_with_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, str(SERVICE), str(tmp_path / "absent.onnx")],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "absent.onnx" in done.stderr
+
+
+def test_service_decodes_like_training(service, tmp_path):
+    """16-bit, RGBA and gray bodies reach the model as training's read_image decodes them
+    (the model's score is the largest per-pixel channel mean)."""
+    from anomalykit.data import read_image
+
+    deep = np.full((8, 10, 3), 1000, np.uint16)
+    deep[2, 3] = [25828, 25828, 25828]  # 257 * 100 + 128: 101 rounded, 100 truncated
+    rgba = np.zeros((8, 10, 4), np.uint8)
+    rgba[..., 2] = 200  # red in BGRA, fully transparent: dropped, not composited
+    gray = np.arange(80, dtype=np.uint8).reshape(8, 10)
+    for name, array in {"deep": deep, "rgba": rgba, "gray": gray}.items():
+        path = tmp_path / f"{name}.png"
+        assert cv2.imwrite(str(path), array)
+        status, body = request(f"{service}/predict", path.read_bytes())
+        expected = (read_image(path).astype(np.float32) / 255.0).mean(axis=-1).max()
+        assert status == 200 and (body["width"], body["height"]) == (10, 8), name
+        assert body["score"] == pytest.approx(float(expected), abs=1e-5), name

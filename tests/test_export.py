@@ -332,3 +332,65 @@ def test_runtime_runs_with_torch_blocked(exported):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# -- one decoder ---------------------------------------------------------------------------
+
+
+def write_decoder_cases(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """16-bit, RGBA, gray and gray+alpha PNGs of one size -> (file, expected RGB pixels)."""
+    import struct
+    import zlib
+
+    h, w = 6, 7
+    rng = np.random.default_rng(5)
+    cases: dict[str, tuple[Path, np.ndarray]] = {}
+    deep = rng.integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    deep[0, 0] = [25828, 0, 65535]  # 257 * 100 + 128: 101 when rounded, 100 when truncated
+    cv2.imwrite(str(folder / "deep.png"), deep[..., ::-1])
+    cases["16-bit"] = (folder / "deep.png", ((deep.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # transparent: the colour must survive (dropped, not composited)
+    cv2.imwrite(str(folder / "rgba.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    cases["RGBA"] = (folder / "rgba.png", rgba[..., :3])
+    gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    cv2.imwrite(str(folder / "gray.png"), gray)
+    cases["gray"] = (folder / "gray.png", np.repeat(gray[..., None], 3, axis=2))
+    # Gray+alpha (PNG colour type 4), written by hand: OpenCV cannot encode it.
+    la = np.stack([gray[::-1], np.full_like(gray, 128)], axis=-1)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = b"".join(b"\x00" + row.tobytes() for row in la)
+    (folder / "la.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    cases["gray+alpha"] = (folder / "la.png", np.repeat(gray[::-1, :, None], 3, axis=2))
+    return cases
+
+
+def test_training_and_runtime_decode_identically(exported, tmp_path, monkeypatch):
+    """Training (the dataset's read_image), OnnxDetector.predict_files and decode_image of
+    the raw bytes (deploy/service.py's path) give the model the same pixels."""
+    from anomalykit.data import dataset as dataset_module
+    from anomalykit.data import io as data_io
+    from anomalykit.export import runtime
+
+    assert dataset_module.read_image is data_io.read_image
+    assert data_io.decode_image is runtime.decode_image
+    cases = write_decoder_cases(tmp_path)
+    model = OnnxDetector(exported[1])
+    fed: list[np.ndarray] = []
+    original = model.predict
+    monkeypatch.setattr(model, "predict", lambda images: fed.append(images.copy()) or original(images))
+    paths = [path for path, _ in cases.values()]
+    model.predict_files(paths, batch_size=len(paths))  # one batch: all are 6x7
+    assert len(fed) == 1 and fed[0].shape == (len(paths), 6, 7, 3)
+    for row, (name, (path, expected)) in enumerate(cases.items()):
+        training = dataset_module.read_image(path)
+        assert training.dtype == np.uint8 and training.shape == (6, 7, 3), name
+        np.testing.assert_array_equal(training, expected, err_msg=name)
+        np.testing.assert_array_equal(fed[0][row], training, err_msg=name)
+        np.testing.assert_array_equal(runtime.decode_image(path.read_bytes()), training,
+                                      err_msg=name)

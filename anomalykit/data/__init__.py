@@ -4,7 +4,8 @@ Images are always ``(H, W, 3) uint8`` RGB once read and ``(3, S, S) float32`` in
 once served by :class:`AnomalyDataset`; normalisation is left to each detector.
 
 Names are imported lazily (PEP 562): ``from anomalykit.data import read_image`` loads only
-OpenCV and numpy, so ONNX deployment code can read images on a machine without PyTorch or
+OpenCV, numpy and the torch-free ONNX runtime module (whose ``decode_image`` is the one image
+decoder), so ONNX deployment code can read images on a machine without PyTorch or
 albumentations. Only :class:`AnomalyDataset` needs torch, only :func:`build_transform`
 albumentations.
 """
@@ -15,9 +16,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from anomalykit.data.cache import DEFAULT_CACHE_BYTES, ImageCache
     from anomalykit.data.dataset import AnomalyDataset
     from anomalykit.data.folder import scan_folder
-    from anomalykit.data.io import IMAGE_EXTENSIONS, read_image, read_mask
+    from anomalykit.data.io import IMAGE_EXTENSIONS, decode_image, read_image, read_mask
     from anomalykit.data.mvtec import list_mvtec_categories, scan_mvtec
     from anomalykit.data.records import ImageRecord, split_train_val, validate_records
     from anomalykit.data.synthetic import (
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "AnomalyDataset": "dataset",
     "scan_folder": "folder",
+    "DEFAULT_CACHE_BYTES": "cache",
+    "ImageCache": "cache",
     "IMAGE_EXTENSIONS": "io",
+    "decode_image": "io",
     "read_image": "io",
     "read_mask": "io",
     "list_mvtec_categories": "mvtec",
@@ -50,13 +55,16 @@ _EXPORTS: dict[str, str] = {
 
 # A literal list (not sorted(_EXPORTS)) so linters and IDEs see the public names.
 __all__ = [
+    "DEFAULT_CACHE_BYTES",
     "DEFECTS",
     "EASY_CATEGORY",
     "IMAGE_EXTENSIONS",
     "SYNTHETIC_CATEGORIES",
     "AnomalyDataset",
+    "ImageCache",
     "ImageRecord",
     "build_transform",
+    "decode_image",
     "ensure_synthetic",
     "generate_synthetic",
     "list_mvtec_categories",

@@ -1,4 +1,4 @@
-"""Albumentations pipelines shared by training and inference.
+"""Albumentations pipelines shared by training and inference, and the resize they use.
 
 The pipeline only resizes, optionally augments, and scales to ``[0, 1]``. ImageNet-style
 normalisation is deliberately absent: every detector normalises inside its own ``forward``,
@@ -15,14 +15,38 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 from anomalykit.errors import ConfigError  # noqa: E402
 
-__all__ = ["build_transform"]
+__all__ = ["IMAGE_INTERPOLATION", "MASK_INTERPOLATION", "build_transform", "resize_image",
+           "resize_mask"]
+
+#: OpenCV interpolation of images (bilinear) and masks (nearest, so a mask stays binary).
+IMAGE_INTERPOLATION = cv2.INTER_LINEAR
+MASK_INTERPOLATION = cv2.INTER_NEAREST
+
+
+def _resize(array: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    # As albumentations' Resize: an array already at the target size is returned unchanged.
+    if array.shape[:2] == (size, size):
+        return array
+    return cv2.resize(array, (size, size), interpolation=interpolation)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8``, the same pixels as the Resize step of
+    :func:`build_transform` (so a decode-once cache can resize ahead of the transform)."""
+    return _resize(image, size, IMAGE_INTERPOLATION)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W) uint8`` -> ``(size, size) uint8``, nearest, as :func:`build_transform` does."""
+    return _resize(mask, size, MASK_INTERPOLATION)
 
 
 def build_transform(
-    image_size: int, *, augment: bool = False, seed: int | None = None
+    image_size: int, *, augment: bool = False, seed: int | None = None, resize: bool = True
 ) -> A.Compose:
     """Build the image/mask pipeline.
 
@@ -39,20 +63,25 @@ def build_transform(
         image_size: Output side ``S`` in pixels.
         augment: Add the random train-time augmentation.
         seed: Seed of the augmentation's random generator; ``None`` draws fresh entropy.
+        resize: Start with the resize step. ``False`` for inputs already resized with
+            :func:`resize_image` / :func:`resize_mask` (the same pixels), as
+            :class:`~anomalykit.data.AnomalyDataset` passes its cached copies.
 
     Raises:
         ConfigError: ``image_size`` is not a positive integer.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ConfigError(f"image_size is {image_size!r}; expected a positive integer")
-    steps: list[A.BasicTransform] = [
-        A.Resize(
-            image_size,
-            image_size,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
+    steps: list[A.BasicTransform] = []
+    if resize:
+        steps.append(
+            A.Resize(
+                image_size,
+                image_size,
+                interpolation=IMAGE_INTERPOLATION,
+                mask_interpolation=MASK_INTERPOLATION,
+            )
         )
-    ]
     if augment:
         steps += [
             A.HorizontalFlip(p=0.5),

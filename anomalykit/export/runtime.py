@@ -75,26 +75,54 @@ def _parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; grayscale becomes 3 channels, alpha is dropped.
+    """Read an image file as (H, W, 3) uint8 RGB with :func:`decode_image`.
 
-    Raises FileNotFoundError for a missing file and ValueError for one OpenCV cannot decode.
+    Raises FileNotFoundError for a missing file and ValueError for one that cannot be decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     # np.fromfile + imdecode instead of imread: imread cannot open non-ASCII paths on Windows.
-    image = decode_image(np.fromfile(path, dtype=np.uint8), source=str(path))
-    return image
+    return decode_image(np.fromfile(path, dtype=np.uint8), source=f"image {path}")
 
 
 def decode_image(data: bytes | bytearray | memoryview | np.ndarray, *,
                  source: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG/BMP/... bytes to (H, W, 3) uint8 RGB; ValueError naming ``source``."""
+    """Decode an image file's bytes (PNG, JPEG, BMP, TIFF, WebP...) to (H, W, 3) uint8 RGB.
+
+    The one image decoder of anomalykit: training (``anomalykit.data.io.read_image``),
+    ``predict``, this runtime and ``deploy/service.py`` all call it, so a model is given the
+    same pixels on the line as in training. It lives here because this file must run alone.
+    Gray is repeated to three channels; an alpha channel (gray+alpha, RGBA) is dropped, not
+    composited; 16-bit data is scaled so 65535 maps to 255 (``round(v / 257)``); the stored
+    pixel order is used (a JPEG's EXIF orientation is ignored).
+
+    Raises ValueError naming ``source``: not decodable, a pixel type other than 8/16-bit
+    unsigned, or a channel count other than 1, 2, 3 or 4.
+    """
     buffer = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-    if image is None:
-        raise ValueError(f"cannot decode {source}: not an image file OpenCV can read")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        # IMREAD_UNCHANGED keeps 16-bit depth and alpha so both are handled here, one way.
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    except cv2.error:  # e.g. a TIFF with more than 4 samples per pixel
+        image = None
+    if image is None or image.size == 0:
+        raise ValueError(f"cannot read {source}: corrupt or unsupported file")
+    if image.dtype == np.uint16:
+        # v * 255 / 65535 == v / 257, rounded; exact for values that came from 8-bit data.
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"cannot read {source}: unsupported pixel type {image.dtype}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.ndim == 3 and channels in (1, 2):
+        image = image[:, :, 0]  # gray (+ alpha): keep the gray plane
+    if image.ndim == 2:
+        return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2))
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise ValueError(f"{source} has {channels} channels; expected 1, 2, 3 or 4")
 
 
 class OnnxDetector:
@@ -176,7 +204,7 @@ class OnnxDetector:
 
     def predict_files(self, paths: Iterable[str | os.PathLike], *,
                       batch_size: int = 8) -> list[dict[str, Any]]:
-        """Read image files (OpenCV; BGR->RGB, gray->3 channels) and score them, in order.
+        """Read image files (:func:`decode_image`) and score them, in order.
 
         Files are read ``batch_size`` at a time and frames of equal size are run together.
         Returns one dict per file: ``path``, ``score``, ``normalized_score``, ``label``,
