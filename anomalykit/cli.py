@@ -5,6 +5,7 @@
     anomalykit list [--generative]
     anomalykit data synth --out data/synthetic
     anomalykit train ae --root data/mvtec --category bottle --out runs/bottle
+    anomalykit train ae --good-dir my/good --defect-dir my/bad --out runs/mine
     anomalykit test runs/bottle/model.ckpt --out runs/bottle/test
     anomalykit export runs/bottle/model.ckpt --out bottle.onnx
     anomalykit predict bottle.onnx frames/ --out predictions/
@@ -13,13 +14,14 @@
 Every expected failure (bad data, unknown name, bad option; :class:`~anomalykit.errors.
 AnomalyKitError`) prints one red ``error: <message>`` line on stderr and exits with status 2,
 without a traceback. Heavy imports (torch) happen inside the commands, so ``--help`` and
-``list`` stay fast.
+``list`` stay fast. Each command parses its options, calls one function of
+:mod:`anomalykit.pipeline`, :mod:`anomalykit.predict` or :mod:`anomalykit.benchmark`, and
+prints what it returned.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shlex
@@ -33,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from anomalykit.errors import AnomalyKitError, ConfigError, DataError
+from anomalykit.errors import AnomalyKitError, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -117,17 +119,6 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def json_ready(value: Any) -> Any:
-    """NaN -> null: JSON has no NaN, and ``json.dumps`` would write invalid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
 # Options shared by several commands.
 DeviceOption = Annotated[
     str, typer.Option("--device", help="Where to run: auto (CUDA when available), cpu, cuda, "
@@ -191,33 +182,65 @@ def data_synth(
 # -- train / test ----------------------------------------------------------------------------
 
 
-@app.command()
+# The folder dataset, for train / test / benchmark (anomalykit.pipeline.FolderData).
+GoodDirOption = Annotated[
+    Path | None, typer.Option("--good-dir", help="Folder of good images (instead of --root/"
+                                                 "--category).")]
+DefectDirOption = Annotated[
+    Path | None, typer.Option("--defect-dir", help="Folder of defective images (loose "
+                                                   "images, or one subfolder per defect "
+                                                   "type); test set only.")]
+MaskDirOption = Annotated[
+    Path | None, typer.Option("--mask-dir", help="Folder of the defects' binary masks, "
+                                                 "matched by stem (<stem>_mask.png or "
+                                                 "<stem>.png); optional.")]
+TestFractionOption = Annotated[
+    float | None, typer.Option("--test-fraction", help="Share of --good-dir held out as good "
+                                                       "test images (default 0.2; 0 trains "
+                                                       "on all of them).")]
+FOLDER_HELP = (
+    "\n\nYour own images instead of the MVTec AD layout: --good-dir FOLDER (and, to test, "
+    "--defect-dir FOLDER, optionally --mask-dir FOLDER). The good folder is split once, "
+    "deterministically with the seed: --test-fraction of it (default 0.2) is held out as the "
+    "good part of the test set, the rest is split into train and validation (the config's "
+    "val_fraction; validation images calibrate the threshold). The checkpoint records the "
+    "folders, so `anomalykit test` finds the same held-out images again.")
+
+
+@app.command(help=(
+    "Train a detector on the good images of one category, calibrate it, save OUT/model.ckpt."
+    + FOLDER_HELP))
 @handle_errors
 def train(
     detector: Annotated[str, typer.Argument(help="Detector name (see `anomalykit list`).")],
-    root: Annotated[Path, typer.Option(help="Dataset root in MVTec AD layout.")],
-    category: Annotated[str, typer.Option(help="Category folder under the root.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: receives model.ckpt "
                                                           "(and last.ckpt for --resume).")],
+    root: Annotated[Path | None, typer.Option(help="Dataset root in MVTec AD layout.")] = None,
+    category: Annotated[str | None, typer.Option(help="Category folder under the "
+                                                      "root.")] = None,
+    good_dir: GoodDirOption = None,
+    defect_dir: DefectDirOption = None,
+    mask_dir: MaskDirOption = None,
+    test_fraction: TestFractionOption = None,
     config: ConfigOption = "quick",
     overrides: SetOption = None,
     device: Annotated[str | None, typer.Option(
         help="auto, cpu, cuda or cuda:N (default: the config's train.device, else "
              "auto).")] = None,
     seed: Annotated[int | None, typer.Option(
-        help="Seed of the train/val split, the weights and the data order (default: the "
-             "config's train.seed, else 0).")] = None,
+        help="Seed of the train/val split (and of --good-dir's held-out test images), the "
+             "weights and the data order (default: the config's train.seed, else 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run "
                                               "from OUT/last.ckpt.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a detector on the good images of one category, calibrate it, save OUT/model.ckpt."""
-    from anomalykit.pipeline import train_detector
+    from anomalykit.pipeline import folder_data, train_detector
 
     check_device(device)
-    result = train_detector(detector, root=root, category=category, config=config,
-                            overrides=overrides or [], out_dir=out, device=device, seed=seed,
-                            progress=not quiet, resume=resume)
+    folder = folder_data(good_dir, defect_dir, mask_dir, test_fraction)
+    result = train_detector(detector, root=root, category=category, folder=folder,
+                            config=config, overrides=overrides or [], out_dir=out,
+                            device=device, seed=seed, progress=not quiet, resume=resume)
     for note in result.warnings:
         warn(note)
     meta = result.meta
@@ -238,7 +261,11 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     return table
 
 
-@app.command()
+@app.command(help=(
+    "Evaluate a checkpoint on a test split: print the metrics, write metrics.json.\n\n"
+    "The test set defaults to the data the model was trained on. Folders: --good-dir (good "
+    "test images) and --defect-dir (defective ones, --mask-dir for their masks); when "
+    "--good-dir is the folder the model was trained on, only its held-out images are used."))
 @handle_errors
 def test(
     checkpoint: Annotated[Path, typer.Argument(help="model.ckpt written by `anomalykit "
@@ -248,6 +275,13 @@ def test(
              "on).")] = None,
     category: Annotated[str | None, typer.Option(
         help="Category to test on (default: the one the model was trained on).")] = None,
+    good_dir: Annotated[Path | None, typer.Option(
+        "--good-dir", help="Folder of good test images (default: the held-out part of the "
+                           "training folder).")] = None,
+    defect_dir: Annotated[Path | None, typer.Option(
+        "--defect-dir", help="Folder of defective test images (default: the one given at "
+                             "training).")] = None,
+    mask_dir: MaskDirOption = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for metrics.json, ROC curve and example heat maps "
                             "(default: metrics.json next to the checkpoint, no "
@@ -256,43 +290,17 @@ def test(
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 16,
     quiet: QuietOption = False,
 ) -> None:
-    """Evaluate a checkpoint on a test split: print the metrics, write metrics.json."""
-    from anomalykit.pipeline import evaluate_detector
-    from anomalykit.training import load_model
+    from anomalykit.pipeline import evaluate_checkpoint
 
     check_device(device)
-    model = load_model(checkpoint, map_location="cpu")
-    meta = getattr(model, "checkpoint_meta", {}) or {}
-    root = root if root is not None else (Path(meta["root"]) if meta.get("root") else None)
-    category = category or meta.get("category")
-    if root is None or not category:
-        raise ConfigError(f"{checkpoint} does not record its dataset; pass --root and "
-                          "--category")
-    result = evaluate_detector(model, (str(root), category), device=device,
-                               batch_size=batch_size, progress=not quiet)
-    metrics = result.metrics
-    out_dir = out if out is not None else checkpoint.parent
-    payload = {"checkpoint": str(checkpoint), "detector": model.registry_name,
-               "root": str(root), "category": category, "metrics": metrics}
-    from anomalykit.training.checkpoint import atomic_write_text
-
-    metrics_path = atomic_write_text(out_dir / "metrics.json",
-                                     json.dumps(json_ready(payload), indent=2) + "\n")
-    out_console.print(metrics_table(metrics, f"{model.registry_name} on {category}"))
-    out_console.print(f"wrote {escape(str(metrics_path))}")
-    if out is not None:
-        from anomalykit.benchmark import report
-
-        predictions = result.predictions
-        if len(set(predictions["labels"].tolist())) == 2:
-            roc = report.plot_roc({model.registry_name: (predictions["labels"],
-                                                         predictions["scores"])},
-                                  out / "roc.png", f"ROC: {category}")
-            out_console.print(f"wrote {escape(str(roc))}")
-        examples = report.plot_examples(predictions, out / "examples.png",
-                                        f"{model.registry_name} on {category}",
-                                        threshold=metrics.get("threshold"))
-        out_console.print(f"wrote {escape(str(examples))}")
+    result = evaluate_checkpoint(checkpoint, root=root, category=category, good_dir=good_dir,
+                                 defect_dir=defect_dir, mask_dir=mask_dir, out_dir=out,
+                                 device=device, batch_size=batch_size, progress=not quiet)
+    for note in result.notes:
+        err_console.print(f"[dim]{escape(note)}[/dim]")
+    out_console.print(metrics_table(result.metrics, f"{result.detector} on {result.dataset}"))
+    for path in [result.metrics_path, *result.figures]:
+        out_console.print(f"wrote {escape(str(path))}")
 
 
 # -- export / predict ------------------------------------------------------------------------
@@ -311,81 +319,20 @@ def export(
 
     Prints the largest difference between onnxruntime and PyTorch on random frames.
     """
-    import numpy as np
+    from anomalykit.pipeline import PARITY_OUTPUTS, export_with_parity
 
-    from anomalykit.export import compare_with_torch, export_onnx
-    from anomalykit.training import load_model
-
-    model = load_model(checkpoint, map_location="cpu")
-    with err_console.status(f"exporting {model.registry_name} to ONNX..."):
-        path = export_onnx(model, out, opset=opset)
-    size = int(model.image_size)
-    rng = np.random.default_rng(0)
+    with err_console.status(f"exporting {escape(str(checkpoint))} to ONNX..."):
+        result = export_with_parity(checkpoint, out, opset=opset)
     table = Table(title="parity: max |onnxruntime - PyTorch| on random frames",
                   title_justify="left")
     table.add_column("frames")
-    for name in ("score", "normalized_score", "label", "anomaly_map", "pred_mask"):
+    for name in PARITY_OUTPUTS:
         table.add_column(name, justify="right")
-    # The native size and a larger non-square one: the graph resizes inside.
-    for shape in [(2, size, size, 3), (1, size + size // 2, size * 2, 3)]:
-        frames = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        diffs = compare_with_torch(model, path, frames)
-        table.add_row(f"{shape[0]}x{shape[1]}x{shape[2]}",
-                      *(f"{diffs[k]:.2e}" for k in ("score", "normalized_score", "label",
-                                                    "anomaly_map", "pred_mask")))
-    out_console.print(f"wrote {escape(str(path))} ({path.stat().st_size / 1e6:.2f} MB)")
+    for frames, diffs in result.parity:
+        table.add_row(frames, *(f"{diffs[k]:.2e}" for k in PARITY_OUTPUTS))
+    out_console.print(f"wrote {escape(str(result.path))} "
+                      f"({result.path.stat().st_size / 1e6:.2f} MB)")
     out_console.print(table)
-
-
-def collect_images(source: Path, exclude: Path | None = None) -> list[Path]:
-    """An image file, or every image under a folder (recursively, natural order).
-
-    Files under ``exclude`` (the output folder, when it lies inside the input) are skipped,
-    so a second run does not score the first run's overlays.
-    """
-    from anomalykit.data import IMAGE_EXTENSIONS
-    from anomalykit.data.records import natural_key
-
-    if not source.exists():
-        raise DataError(f"input {source} does not exist")
-    if source.is_file():
-        if source.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise DataError(f"input {source} is not an image file (expected one of "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
-        return [source]
-    skip = exclude.resolve() if exclude is not None else None
-    files = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-             and not any(part.startswith(".") for part in p.relative_to(source).parts)
-             and not (skip is not None and p.resolve().is_relative_to(skip))]
-    if not files:
-        raise DataError(f"no images in {source} (looked for "
-                        f"{', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    return sorted(files, key=lambda p: tuple(natural_key(part)
-                                             for part in p.relative_to(source).parts))
-
-
-def overlay_names(files: list[Path], source: Path) -> list[str]:
-    """``<stem>.png`` per file; files whose stems collide get their folders as a prefix."""
-    stems = [f.stem for f in files]
-    names = []
-    for file, stem in zip(files, stems, strict=True):
-        if stems.count(stem) > 1 and source.is_dir():
-            parts = file.relative_to(source).with_suffix("").parts
-            stem = "_".join(parts)
-        names.append(f"{stem}.png")
-    return names
-
-
-def write_png(path: Path, image_rgb: Any) -> Path:
-    """Encode an RGB image as PNG and write it atomically (non-ASCII paths work too)."""
-    import cv2
-
-    from anomalykit.training.checkpoint import atomic_write
-
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise DataError(f"cannot encode {path.name} as PNG")
-    return atomic_write(path, encoded.tofile)
 
 
 @app.command()
@@ -405,39 +352,12 @@ def predict(
     (1 = anomalous); overlays/<stem>.png shows the anomaly map over each image, on one
     colour scale for all images (blue 0, red twice the calibrated pixel threshold).
     """
-    import csv
-    import io
-
-    from anomalykit.data import read_image
-    from anomalykit.export.runtime import overlay_heatmap
-    from anomalykit.pipeline import load_predictor
-    from anomalykit.training.checkpoint import atomic_write_text
-    from anomalykit.training.progress import track
+    from anomalykit.predict import predict_images
 
     check_device(device)
-    files = collect_images(input, exclude=out)
-    predictor = load_predictor(model, device=device)
-    pixel_threshold = float(getattr(predictor, "pixel_threshold", 0.0) or 0.0)
-    scale = {"vmin": 0.0, "vmax": 2.0 * pixel_threshold} if pixel_threshold > 0 else {}
-    overlays = out / "overlays"
-    overlays.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "normalized_score", "label"])
-    n_anomalous = 0
-    for file, name in track(list(zip(files, overlay_names(files, input), strict=True)),
-                            "predict", enabled=not quiet):
-        image = read_image(file)
-        result = predictor.predict(image[None])
-        label = int(result["label"][0])
-        n_anomalous += label
-        writer.writerow([str(file), f"{float(result['score'][0]):.6g}",
-                         f"{float(result['normalized_score'][0]):.6g}", label])
-        overlay = overlay_heatmap(image, result["anomaly_map"][0, 0], **scale)
-        write_png(overlays / name, overlay)
-    csv_path = atomic_write_text(out / "predictions.csv", buffer.getvalue())
-    out_console.print(f"{len(files)} image(s), {n_anomalous} anomalous; wrote "
-                      f"{escape(str(csv_path))} and {escape(str(overlays))}/")
+    summary = predict_images(model, input, out, device=device, progress=not quiet)
+    out_console.print(f"{summary.n_images} image(s), {summary.n_anomalous} anomalous; wrote "
+                      f"{escape(str(summary.csv_path))} and {escape(str(summary.overlay_dir))}/")
 
 
 # -- benchmark -------------------------------------------------------------------------------
@@ -461,7 +381,13 @@ def _command_line(params: dict[str, Any]) -> str:
     return shlex.join(words)
 
 
-@app.command()
+@app.command(help=(
+    "Train, test, export and time every detector on every category; write the reports.\n\n"
+    "A failing pair is recorded as an error row and the benchmark goes on; the exit status is "
+    "1 when any pair failed.\n\n"
+    "Your own images instead of an MVTec AD root: --good-dir and --defect-dir (optionally "
+    "--mask-dir); the good folder is split with the seed as for `anomalykit train` and the "
+    "results' category is the name of the folder that holds --good-dir."))
 @handle_errors
 def benchmark(
     ctx: typer.Context,
@@ -473,6 +399,10 @@ def benchmark(
              "./data/synthetic, generated on first use).")] = None,
     categories: Annotated[str | None, typer.Option(
         help="Comma-separated categories (default: all in the root).")] = None,
+    good_dir: GoodDirOption = None,
+    defect_dir: DefectDirOption = None,
+    mask_dir: MaskDirOption = None,
+    test_fraction: TestFractionOption = None,
     config: ConfigOption = "quick",
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder: results.csv, "
@@ -487,28 +417,28 @@ def benchmark(
              "default).")] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Train, test, export and time every detector on every category; write the reports.
-
-    A failing pair is recorded as an error row and the benchmark goes on; the exit status is
-    1 when any pair failed.
-    """
     from rich.markdown import Markdown
 
     from anomalykit.benchmark import markdown_tables, run_benchmark
     from anomalykit.data import ensure_synthetic, list_mvtec_categories
+    from anomalykit.pipeline import folder_data
     from anomalykit.registry import list_detectors
 
     check_device(device)
     names = list_detectors() if detectors.strip() == "all" else split_list(detectors)
-    if root is None:
+    folder = folder_data(good_dir, defect_dir, mask_dir, test_fraction)
+    if folder is not None and (root is not None or categories is not None):
+        raise ConfigError("give either --root/--categories (MVTec AD layout) or --good-dir/"
+                          "--defect-dir (folders of images), not both")
+    if folder is None and root is None:
         with err_console.status("preparing the synthetic dataset..."):
             root = Path(ensure_synthetic())
         err_console.print(f"using the synthetic dataset in {escape(str(root))}")
-    chosen = split_list(categories) or list_mvtec_categories(root)
+    chosen = [] if folder is not None else split_list(categories) or list_mvtec_categories(root)
     command = _command_line(dict(ctx.params))
-    rows = run_benchmark(names, root, chosen, config=config, overrides=overrides or [],
-                         out_dir=out, device=device, seed=seed, onnx=onnx, progress=not quiet,
-                         threads=threads, command=command)
+    rows = run_benchmark(names, root, chosen, folder=folder, config=config,
+                         overrides=overrides or [], out_dir=out, device=device, seed=seed,
+                         onnx=onnx, progress=not quiet, threads=threads, command=command)
     out_console.print(Markdown(markdown_tables(rows)))
     out_console.print(f"wrote {escape(str(out / 'results.csv'))}, results.md and report.html "
                       f"in {escape(str(out))}")

@@ -10,10 +10,12 @@ A config has three sections::
     calibrate:  # keyword arguments of Detector.calibrate
       quantile: 1.0
 
-``configs/<detector>/{quick,paper}.yaml`` are the named profiles; any YAML path
-works too. ``--set section.key=value`` (or ``key=value`` when the key is in one
-section only) overrides a value; values are parsed as YAML (``3``, ``1e-3``,
-``true``, ``[1, 2]``).
+Named profiles are ``<detector>/<name>.yaml`` files: first in the directories of
+``$ANOMALYKIT_CONFIGS`` (user profiles; several directories separated by ``os.pathsep``),
+then in the ``anomalykit/configs/`` package data (``quick`` and ``paper``, shipped in the
+wheel and read with :mod:`importlib.resources`). Any YAML path works too.
+``--set section.key=value`` (or ``key=value`` when the key is in one section only)
+overrides a value; values are parsed as YAML (``3``, ``1e-3``, ``true``, ``[1, 2]``).
 """
 
 from __future__ import annotations
@@ -21,31 +23,56 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from anomalykit.errors import ConfigError
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11; only annotations use it
+    from importlib.resources.abc import Traversable
 
 SECTIONS = ("model", "train", "calibrate")
 # Options of the data pipeline that live in the `train` section next to fit's arguments.
 DATA_OPTIONS = {"val_fraction": 0.1, "augment": False}
 # fit() arguments that are per-run choices (command-line options), never part of a profile.
 RUN_OPTIONS = {"out_dir": "--out", "resume": "--resume", "progress": "--quiet"}
+# Directories of user profiles, searched before the packaged ones.
+CONFIGS_ENV = "ANOMALYKIT_CONFIGS"
 
 
-def configs_dir() -> Path:
-    """Where the named profiles live: $ANOMALYKIT_CONFIGS, else the repository's configs/."""
-    env = os.environ.get("ANOMALYKIT_CONFIGS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "configs"
+def configs_dir() -> Traversable:
+    """The profiles shipped inside the package (``anomalykit/configs/``)."""
+    return resources.files("anomalykit") / "configs"
+
+
+def profile_dirs() -> list[Traversable]:
+    """Where named profiles are searched, in order: $ANOMALYKIT_CONFIGS, then the package's."""
+    env = os.environ.get(CONFIGS_ENV, "")
+    user = [Path(part).expanduser() for part in env.split(os.pathsep) if part.strip()]
+    return [*user, configs_dir()]
+
+
+def find_profile(detector: str, name: str) -> Traversable | None:
+    """The first ``<dir>/<detector>/<name>.yaml`` of :func:`profile_dirs`, or None."""
+    for folder in profile_dirs():
+        candidate = folder / detector / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def available_profiles(detector: str) -> list[str]:
-    folder = configs_dir() / detector
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """Profile names for ``detector`` over every searched directory."""
+    names: set[str] = set()
+    for folder in profile_dirs():
+        sub = folder / detector
+        if sub.is_dir():
+            names |= {p.name[: -len(".yaml")] for p in sub.iterdir()
+                      if p.name.endswith(".yaml") and p.is_file()}
+    return sorted(names)
 
 
 def _allowed_keys(detector: str) -> dict[str, set[str] | None]:
@@ -98,13 +125,14 @@ def load_config(detector: str, config: str | Path = "quick",
     Unknown keys are an error that lists the valid ones, so a typo never trains
     silently with a default.
     """
-    path = Path(config)
+    path: Path | Traversable = Path(config)
     if not (path.suffix in (".yaml", ".yml") or path.exists()):
-        path = configs_dir() / detector / f"{config}.yaml"
-        if not path.is_file():
+        found = find_profile(detector, str(config))
+        if found is None:
             known = ", ".join(available_profiles(detector)) or "none"
             raise ConfigError(f"no config {config!r} for detector {detector!r} "
                               f"(profiles: {known}; or give a YAML file path)")
+        path = found
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

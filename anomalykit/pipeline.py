@@ -1,14 +1,22 @@
-"""The steps shared by the command line and the benchmark: load data, train, evaluate, predict.
+"""The steps shared by the command line and the benchmark: load data, train, evaluate, export.
 
 Every step checks its inputs before doing expensive work: the train AND test splits are
 scanned and decoded before the first training step, so a corrupt file or a missing mask
 fails in seconds, not after an hour of training.
+
+Data comes in the MVTec AD layout (``root`` + ``category``) or as plain folders
+(:class:`FolderData`: a folder of good images, optionally a folder of defective images and
+one of their masks).
 
 Typical use::
 
     result = train_detector("ae", root="data/mvtec", category="bottle", out_dir="runs/bottle")
     evaluation = evaluate_detector(result.detector, result.test_records)
     evaluation.metrics["image_auroc"]
+
+Scoring raw frames (``predictions.csv`` and overlays) is in :mod:`anomalykit.predict`, the
+predictors in :mod:`anomalykit.export.torch_predictor`, timing in
+:mod:`anomalykit.benchmark.timing`.
 """
 
 from __future__ import annotations
@@ -19,14 +27,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from anomalykit.errors import ConfigError, DataError
 
+if TYPE_CHECKING:
+    from anomalykit.data import ImageRecord
+
 CHECKPOINT_NAME = "model.ckpt"
+METRICS_NAME = "metrics.json"
+DEFAULT_TEST_FRACTION = 0.2
 
 
 @dataclass
@@ -90,6 +103,141 @@ def load_split(root: str | os.PathLike[str], category: str, split: str) -> list[
     return records
 
 
+@dataclass(frozen=True)
+class FolderData:
+    """A dataset given as plain folders instead of the MVTec AD layout.
+
+    What a user with "a folder of good images and a folder of bad ones" expects: the good
+    folder is split once, deterministically with the run's seed, into a training part and a
+    held-out part of ``test_fraction`` (at least one image when the fraction is > 0) that
+    joins the defective images as the test set; the training part is then split again into
+    train and validation (``train.val_fraction``, the images that calibrate the threshold),
+    exactly as ``train/good`` is for MVTec. The same folders and seed always give the same
+    split, so ``anomalykit test`` finds the held-out images again from the checkpoint.
+
+    Attributes:
+        good_dir: Folder of good images (not searched recursively).
+        defect_dir: Folder of defective images, for the test set only: loose images are type
+            ``defect``, images in a subfolder get the subfolder's name. ``None``: the test set
+            is the held-out good images only (enough to train; testing needs defects).
+        mask_dir: Their binary masks, matched by stem (``<stem>_mask.*`` or ``<stem>.*``);
+            ``None``: image-level metrics only.
+        test_fraction: Share of the good images held out for testing, in ``[0, 1)``.
+    """
+
+    good_dir: Path
+    defect_dir: Path | None = None
+    mask_dir: Path | None = None
+    test_fraction: float = DEFAULT_TEST_FRACTION
+
+    def __post_init__(self) -> None:
+        for name in ("good_dir", "defect_dir", "mask_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if not 0.0 <= float(self.test_fraction) < 1.0:
+            raise ConfigError(f"test fraction is {self.test_fraction!r}; expected a value in "
+                              "[0, 1)")
+        if self.mask_dir is not None and self.defect_dir is None:
+            raise ConfigError(f"mask folder {self.mask_dir} given without a defect image "
+                              "folder (--defect-dir)")
+
+    @property
+    def name(self) -> str:
+        """The dataset's name in reports: the folder that holds the good folder."""
+        return self.good_dir.resolve().parent.name or "folder"
+
+    def as_meta(self) -> dict[str, Any]:
+        """Absolute paths, for a checkpoint's record of the run (see :meth:`from_meta`)."""
+        def absolute(path: Path | None) -> str | None:
+            return str(path.resolve()) if path is not None else None
+
+        return {"good_dir": absolute(self.good_dir), "defect_dir": absolute(self.defect_dir),
+                "mask_dir": absolute(self.mask_dir), "test_fraction": float(self.test_fraction)}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> FolderData:
+        return cls(meta["good_dir"], meta.get("defect_dir"), meta.get("mask_dir"),
+                   float(meta.get("test_fraction", DEFAULT_TEST_FRACTION)))
+
+
+
+def folder_data(good_dir: str | os.PathLike[str] | None,
+                defect_dir: str | os.PathLike[str] | None = None,
+                mask_dir: str | os.PathLike[str] | None = None,
+                test_fraction: float | None = None) -> FolderData | None:
+    """The :class:`FolderData` of command-line options, or None when no folder is given."""
+    if good_dir is None:
+        if defect_dir is not None or mask_dir is not None:
+            raise ConfigError("--defect-dir and --mask-dir need --good-dir (the folder of good "
+                              "images)")
+        if test_fraction is not None:
+            raise ConfigError("--test-fraction applies to a folder dataset (--good-dir) only")
+        return None
+    return FolderData(good_dir, defect_dir, mask_dir,
+                      DEFAULT_TEST_FRACTION if test_fraction is None else float(test_fraction))
+
+
+def _split_good(folder: FolderData, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The good images as (training part, held-out test part), seeded."""
+    from anomalykit.data import scan_folder, split_train_val
+
+    good = scan_folder(folder.good_dir)
+    return split_train_val(good, float(folder.test_fraction), seed)
+
+
+def load_folder_split(folder: FolderData, split: str, seed: int = 0) -> list[ImageRecord]:
+    """The ``train`` or ``test`` split of a folder dataset, every image and mask decoded once.
+
+    ``train``: the good images not held out. ``test``: the held-out good images, then the
+    defective ones (with their masks when ``mask_dir`` is given).
+
+    Raises:
+        DataError: a missing or empty folder, a corrupt image, a defect without its mask or
+            a mask without its image; the message names the folder or file.
+    """
+    from anomalykit.data import scan_folder, validate_records
+
+    if split not in ("train", "test"):
+        raise ConfigError(f"split is {split!r}; expected 'train' or 'test'")
+    train_good, test_good = _split_good(folder, seed)
+    if split == "train":
+        records = train_good
+    else:
+        defects = []
+        if folder.defect_dir is not None:
+            defects = [r for r in scan_folder(folder.good_dir, folder.defect_dir,
+                                              folder.mask_dir) if r.label == 1]
+        records = test_good + defects
+    validate_records(records)
+    return records
+
+
+def load_folder_records(good_dir: str | os.PathLike[str], defect_dir: str | os.PathLike[str],
+                        mask_dir: str | os.PathLike[str] | None = None) -> list[ImageRecord]:
+    """Every image of a good folder and a defect folder (with masks), decoded once: a test set."""
+    from anomalykit.data import scan_folder, validate_records
+
+    records = scan_folder(good_dir, defect_dir, mask_dir)
+    validate_records(records)
+    return records
+
+
+def _train_and_test_records(root: str | os.PathLike[str] | None, category: str | None,
+                            folder: FolderData | None,
+                            seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Scan and decode both splits of either data source (checked before any training)."""
+    if folder is not None:
+        if root is not None or category is not None:
+            raise ConfigError("give either --root and --category (MVTec AD layout) or "
+                              "--good-dir (folders of images), not both")
+        return load_folder_split(folder, "train", seed), load_folder_split(folder, "test", seed)
+    if root is None or not category:
+        raise ConfigError("no data: give --root and --category (MVTec AD layout) or "
+                          "--good-dir (a folder of good images)")
+    return load_split(root, category, "train"), load_split(root, category, "test")
+
+
 # -- training --------------------------------------------------------------------------------
 
 
@@ -116,7 +264,8 @@ def _split_train_section(train: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     return fit_kwargs, data
 
 
-def train_detector(detector: str, *, root: str | os.PathLike[str], category: str,
+def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
+                   category: str | None = None, folder: FolderData | None = None,
                    config: str | os.PathLike[str] = "quick",
                    overrides: Sequence[str] | dict[str, Any] | None = None,
                    out_dir: str | os.PathLike[str], device: str | None = None,
@@ -132,6 +281,8 @@ def train_detector(detector: str, *, root: str | os.PathLike[str], category: str
     Args:
         detector: Registered detector name (``anomalykit list``).
         root, category: MVTec-layout dataset root and category folder.
+        folder: Or a folder dataset (:class:`FolderData`): its good images are split into
+            train / validation / held-out test with ``seed``.
         config: Profile name (``quick``, ``paper``) or a YAML file.
         overrides: ``["section.key=value", ...]`` (see :func:`anomalykit.config.load_config`).
         out_dir: Run folder; receives ``model.ckpt`` and, during fit, ``last.ckpt``.
@@ -162,8 +313,7 @@ def train_detector(detector: str, *, root: str | os.PathLike[str], category: str
     fit_kwargs.pop("seed", None)
     torch_device = resolve_device(str(device_name))
 
-    train_records = load_split(root, category, "train")
-    test_records = load_split(root, category, "test")
+    train_records, test_records = _train_and_test_records(root, category, folder, run_seed)
     good = [r for r in train_records if r.label == 0]
     train_part, val_part = split_train_val(good, float(data_options["val_fraction"]), run_seed)
 
@@ -201,8 +351,9 @@ def train_detector(detector: str, *, root: str | os.PathLike[str], category: str
     effective_train = {**cfg["train"], "device": str(device_name), "seed": run_seed}
     meta = {
         "detector": detector,
-        "category": category,
-        "root": str(Path(root).resolve()),
+        "category": folder.name if folder is not None else category,
+        "root": str(Path(root).resolve()) if root is not None else None,
+        "folder": folder.as_meta() if folder is not None else None,
         "config": {"model": cfg["model"], "train": effective_train,
                    "calibrate": cfg["calibrate"], "source": cfg["source"]},
         "config_name": str(config),
@@ -305,95 +456,189 @@ def evaluate_detector(detector: Any, data: Sequence[Any] | tuple[str | os.PathLi
     return EvalResult(metrics, predictions, ms_per_image, records)
 
 
-# -- prediction on raw frames ----------------------------------------------------------------
+@dataclass
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` produced.
 
-
-class TorchPredictor:
-    """A checkpoint behind the same interface as :class:`anomalykit.export.runtime.OnnxDetector`.
-
-    It runs the very module that is exported (:class:`~anomalykit.export.onnx.
-    InferenceWrapper`): uint8 frames in, resize to ``image_size`` inside, map upsampled back
-    to the frame size. So a ``.ckpt`` and its ``.onnx`` give the same numbers for the same
-    files, and benchmark timings of the two measure the same work.
+    Attributes:
+        detector: The registered name of the evaluated detector.
+        dataset: The test set's name (MVTec category, or the folder dataset's name).
+        metrics: :attr:`EvalResult.metrics`.
+        metrics_path: The ``metrics.json`` written.
+        figures: The pictures written (ROC curve when both classes are present, examples).
+        notes: Where the test images came from, when that is not obvious.
     """
 
-    def __init__(self, detector: Any, device: str = "auto") -> None:
-        from anomalykit.export.onnx import InferenceWrapper
-        from anomalykit.training import resolve_device
-
-        self.device = resolve_device(device)
-        self.detector = detector.to(self.device).eval()
-        self.wrapper = InferenceWrapper(self.detector).eval()
-        self.image_size = int(detector.image_size)
-        self.threshold = float(detector.threshold_)
-        self.pixel_threshold = float(detector.pixel_threshold_)
-        self.metadata = dict(getattr(detector, "checkpoint_meta", {}) or {})
-        self.providers = [str(self.device)]
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, H, W, 3) or (H, W, 3) uint8 RGB -> the OnnxDetector's outputs, as numpy."""
-        from anomalykit.export.onnx import OUTPUT_NAMES
-
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise DataError(f"expected uint8 images (N, H, W, 3), got {images.dtype} "
-                            f"{images.shape}")
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        outputs = self.wrapper(batch)
-        return {name: value.cpu().numpy() for name, value in zip(OUTPUT_NAMES, outputs,
-                                                                  strict=True)}
+    detector: str
+    dataset: str
+    metrics: dict[str, Any]
+    metrics_path: Path
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def load_predictor(path: str | os.PathLike[str], device: str = "auto") -> Any:
-    """``model.ckpt`` -> :class:`TorchPredictor`; ``model.onnx`` -> ``OnnxDetector``.
+def _json_ready(value: Any) -> Any:
+    """NaN -> null: JSON has no NaN, and ``json.dumps`` would write invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
 
-    Both have ``predict(uint8 (N, H, W, 3))``, ``image_size``, ``threshold``,
-    ``pixel_threshold`` and ``metadata``.
-    Load failures become :class:`~anomalykit.errors.AnomalyKitError` with one-line messages.
+
+def _same_folder(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _test_set(checkpoint: Path, meta: dict[str, Any], *, root: Any, category: str | None,
+              good_dir: Any, defect_dir: Any, mask_dir: Any
+              ) -> tuple[list[ImageRecord], str, dict[str, Any], list[str]]:
+    """(records, dataset name, its description for metrics.json, notes) of a test run.
+
+    Options given on the command line win; what is missing comes from the checkpoint's record
+    of its training data. On the folder the model was trained on, only its held-out good
+    images are used: testing on training images would flatter the model.
     """
-    from anomalykit.training import resolve_device
+    folder_options = any(v is not None for v in (good_dir, defect_dir, mask_dir))
+    if folder_options and (root is not None or category is not None):
+        raise ConfigError("give either --root/--category (MVTec AD layout) or --good-dir/"
+                          "--defect-dir (folders of images), not both")
+    trained = FolderData.from_meta(meta["folder"]) if meta.get("folder") else None
+    if not folder_options and (root is not None or category is not None or trained is None):
+        root = root if root is not None else meta.get("root")
+        category = category or meta.get("category")
+        if root is None or not category:
+            raise ConfigError(f"{checkpoint} does not record its dataset; pass --root and "
+                              "--category, or --good-dir and --defect-dir")
+        return (load_split(root, category, "test"), category,
+                {"root": str(root), "category": category}, [])
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"model {path} does not exist")
-    if path.suffix.lower() == ".onnx":
-        from anomalykit.export.runtime import OnnxDetector
+    good = Path(good_dir) if good_dir is not None else (trained.good_dir if trained else None)
+    if good is None:
+        raise ConfigError(f"{checkpoint} was not trained on a folder dataset; pass --good-dir "
+                          "(a folder of good test images) with --defect-dir")
+    if defect_dir is None:
+        if trained is None or trained.defect_dir is None:
+            raise ConfigError("testing needs defective images: pass --defect-dir (a folder of "
+                              "defective images)")
+        defect_dir, mask_dir = trained.defect_dir, mask_dir or trained.mask_dir
+    elif mask_dir is None and trained is not None and _same_folder(defect_dir,
+                                                                     trained.defect_dir):
+        mask_dir = trained.mask_dir
+    notes = []
+    if trained is not None and _same_folder(good, trained.good_dir):
+        seed = int(meta.get("seed", 0))
+        folder = FolderData(trained.good_dir, defect_dir, mask_dir, trained.test_fraction)
+        records = load_folder_split(folder, "test", seed)
+        n_good = sum(r.label == 0 for r in records)
+        if n_good == 0:
+            raise DataError(f"no good test images: {good} is the training folder and none of "
+                            f"its images was held out (test fraction {trained.test_fraction}); "
+                            "pass --good-dir with a folder of good test images")
+        notes.append(f"good test images: the {n_good} image(s) of {good} held out from "
+                     f"training (test fraction {trained.test_fraction}, seed {seed})")
+    else:
+        folder = FolderData(good, defect_dir, mask_dir, 0.0)
+        records = load_folder_records(good, defect_dir, mask_dir)
+    description = {"root": None, "category": folder.name,
+                   "folder": {**folder.as_meta(), "held_out_only": bool(notes)}}
+    return records, folder.name, description, notes
 
-        resolve_device(device)  # same device errors as for a checkpoint
-        try:
-            return OnnxDetector(path, device=device)
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from exc
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *,
+                        root: str | os.PathLike[str] | None = None, category: str | None = None,
+                        good_dir: str | os.PathLike[str] | None = None,
+                        defect_dir: str | os.PathLike[str] | None = None,
+                        mask_dir: str | os.PathLike[str] | None = None,
+                        out_dir: str | os.PathLike[str] | None = None, device: str = "auto",
+                        batch_size: int = 16, progress: bool = True) -> CheckpointEvaluation:
+    """Evaluate a saved model on a test set and write ``metrics.json`` (and pictures).
+
+    The test set is an MVTec category (``root``/``category``) or folders (``good_dir`` of
+    good images, ``defect_dir`` of defective ones, ``mask_dir`` of their masks); whatever is
+    not given comes from the data the checkpoint was trained on (see :func:`_test_set`).
+
+    Args:
+        checkpoint: ``model.ckpt`` written by :func:`train_detector`.
+        out_dir: Folder for ``metrics.json``, ``roc.png`` and ``examples.png``; ``None``:
+            ``metrics.json`` next to the checkpoint and no pictures.
+        device, batch_size, progress: Inference options.
+    """
+    import json
+
+    from anomalykit.training import load_model
+    from anomalykit.training.checkpoint import atomic_write_text
+
+    checkpoint = Path(checkpoint)
+    model = load_model(checkpoint, map_location="cpu")
+    meta = getattr(model, "checkpoint_meta", {}) or {}
+    records, dataset, description, notes = _test_set(
+        checkpoint, meta, root=root, category=category, good_dir=good_dir,
+        defect_dir=defect_dir, mask_dir=mask_dir)
+    result = evaluate_detector(model, records, device=device, batch_size=batch_size,
+                               progress=progress)
+    name = model.registry_name
+    payload = {"checkpoint": str(checkpoint), "detector": name, **description,
+               "metrics": result.metrics}
+    folder = Path(out_dir) if out_dir is not None else checkpoint.parent
+    metrics_path = atomic_write_text(folder / METRICS_NAME,
+                                     json.dumps(_json_ready(payload), indent=2) + "\n")
+    figures: list[Path] = []
+    if out_dir is not None:
+        from anomalykit.benchmark import report
+
+        predictions = result.predictions
+        if len(set(predictions["labels"].tolist())) == 2:
+            figures.append(report.plot_roc({name: (predictions["labels"],
+                                                   predictions["scores"])},
+                                           folder / "roc.png", f"ROC: {dataset}"))
+        figures.append(report.plot_examples(predictions, folder / "examples.png",
+                                            f"{name} on {dataset}",
+                                            threshold=result.metrics.get("threshold")))
+    return CheckpointEvaluation(name, dataset, result.metrics, metrics_path, figures, notes)
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+PARITY_OUTPUTS = ("score", "normalized_score", "label", "anomaly_map", "pred_mask")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_with_parity` produced.
+
+    Attributes:
+        path: The ONNX file.
+        detector: The registered name of the exported detector.
+        parity: ``(frames "NxHxW", {output name: max |onnxruntime - PyTorch|})`` per check.
+    """
+
+    path: Path
+    detector: str
+    parity: list[tuple[str, dict[str, float]]]
+
+
+def export_with_parity(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                       opset: int = 18, seed: int = 0) -> ExportResult:
+    """Export a checkpoint to one ONNX file, then compare onnxruntime with PyTorch.
+
+    The comparison runs on random uint8 frames at the native size and at a larger non-square
+    one (the graph resizes inside).
+    """
+    from anomalykit.export import compare_with_torch, export_onnx
     from anomalykit.training import load_model
 
-    return TorchPredictor(load_model(path, map_location="cpu"), device=device)
-
-
-def time_inference(predictor: Any, images: Sequence[np.ndarray | str | os.PathLike[str]], *,
-                   warmup: int = 3, progress: bool = False, desc: str = "timing") -> float:
-    """Median milliseconds per image of ``predictor.predict`` at batch size 1.
-
-    ``images`` are (H, W, 3) uint8 arrays or image files; files are decoded before the clock
-    starts, one at a time, so a large test set is never held in memory. The first ``warmup``
-    calls (allocations, kernel selection, lazy initialisation) run but are not counted.
-    """
-    from anomalykit.data import read_image
-    from anomalykit.training.progress import track
-
-    def load(item: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
-        return item if isinstance(item, np.ndarray) else read_image(item)
-
-    if len(images) == 0:
-        return math.nan
-    for item in list(images)[:warmup]:
-        predictor.predict(load(item)[None])
-    times = []
-    for item in track(images, desc, enabled=progress):
-        frame = load(item)[None]
-        started = time.perf_counter()
-        predictor.predict(frame)  # results come back as numpy: GPU work is finished
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000.0)
+    model = load_model(checkpoint, map_location="cpu")
+    path = Path(export_onnx(model, out, opset=opset))
+    size = int(model.image_size)
+    rng = np.random.default_rng(seed)
+    parity = []
+    for shape in [(2, size, size, 3), (1, size + size // 2, size * 2, 3)]:
+        frames = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        diffs = compare_with_torch(model, path, frames)
+        parity.append((f"{shape[0]}x{shape[1]}x{shape[2]}",
+                       {k: float(diffs[k]) for k in PARITY_OUTPUTS}))
+    return ExportResult(path, model.registry_name, parity)

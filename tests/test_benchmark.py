@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -19,6 +21,7 @@ from anomalykit.benchmark.report import (
     roc_curve,
     write_report,
 )
+from anomalykit.benchmark.timing import FIELDS
 from anomalykit.data import SYNTHETIC_CATEGORIES, generate_synthetic
 from anomalykit.errors import ConfigError
 from anomalykit.registry import register_detector
@@ -206,3 +209,25 @@ def test_export_failure_keeps_the_metrics(dataset: Path, config: Path, tmp_path:
     assert rows[0]["error"] == "" and 0.0 <= rows[0]["image_auroc"] <= 1.0
     assert math.isnan(rows[0]["onnx_ms"]) and "cannot export this one" in rows[0]["notes"]
     assert "cannot export this one" in (tmp_path / "results.md").read_text()
+
+
+def test_time_inference_script_writes_the_tables(config: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/time_inference.py: a thin script over anomalykit.benchmark.timing."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_inference.py"
+    spec = importlib.util.spec_from_file_location("time_inference_script", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "timing"
+    assert module.main(["--out", str(out), "--detectors", GOOD, "--config", str(config),
+                        "--batch-sizes", "1", "2", "--frame-size", "40", "--warmup", "1",
+                        "--repeats", "3"]) == 0
+    with open(out / "timing.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["detector"], r["batch"]) for r in rows] == [(GOOD, "1"), (GOOD, "2")]
+    assert list(rows[0]) == FIELDS
+    assert all(float(r["torch_ms_batch"]) > 0 and float(r["onnx_ms_batch"]) > 0 for r in rows)
+    markdown = (out / "timing.md").read_text()
+    assert f"| {GOOD} | 32 | 2 |" in markdown
+    assert "wrote" in capsys.readouterr().out

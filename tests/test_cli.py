@@ -146,8 +146,12 @@ def test_help_documents_every_option() -> None:
         assert "--help" in text
     train_help = invoke("train", "--help").stdout
     for option in ("--root", "--category", "--config", "--set", "--out", "--device", "--seed",
-                   "--resume", "--quiet"):
+                   "--resume", "--quiet", "--good-dir", "--defect-dir", "--mask-dir",
+                   "--test-fraction"):
         assert option in train_help
+    for command in ("test", "benchmark"):
+        text = invoke(command, "--help").stdout
+        assert "--good-dir" in text and "--defect-dir" in text and "--mask-dir" in text
 
 
 def test_data_synth(tmp_path: Path) -> None:
@@ -388,3 +392,198 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
     assert_error(runner.invoke(app, ["test", str(missing)]), str(missing), "does not exist")
     assert_error(runner.invoke(app, ["export", str(missing), "--out", str(tmp_path / "m.onnx")]),
                  "does not exist")
+
+
+# -- folder datasets (--good-dir / --defect-dir / --mask-dir) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The synthetic category rearranged as a user's folders: real PNG files on disk.
+
+    product/good/ (train + test good images), product/bad/<type>/, product/masks/<type>/,
+    and other_good/ (good images the model never sees in training).
+    """
+    base = tmp_path_factory.mktemp("folders")
+    source = dataset / CATEGORY
+    product = base / "product"
+    good, bad, masks, other = (product / "good", product / "bad", product / "masks",
+                               base / "other_good")
+    good.mkdir(parents=True)
+    other.mkdir()
+    for image in sorted((source / "train" / "good").glob("*.png")):
+        shutil.copy(image, good / image.name)
+    test_good = sorted((source / "test" / "good").glob("*.png"))
+    for image in test_good:
+        shutil.copy(image, good / f"t{image.name}")
+        shutil.copy(image, other / image.name)
+    for folder in sorted((source / "test").iterdir()):
+        if folder.name != "good":
+            shutil.copytree(folder, bad / folder.name)
+            shutil.copytree(source / "ground_truth" / folder.name, masks / folder.name)
+    return {"good": good, "bad": bad, "masks": masks, "other": other}
+
+
+def folder_counts(folders: dict[str, Path]) -> tuple[int, int]:
+    """(good images, defect images)."""
+    return (len(list(folders["good"].glob("*.png"))),
+            len(list(folders["bad"].rglob("*.png"))))
+
+
+def test_folder_train_then_test_uses_held_out_good_images(folders: dict[str, Path],
+                                                          tiny_config: Path,
+                                                          tmp_path: Path) -> None:
+    from anomalykit.training import load_model
+
+    run = tmp_path / "run"
+    invoke("train", TINY, "--good-dir", folders["good"], "--defect-dir", folders["bad"],
+           "--mask-dir", folders["masks"], "--test-fraction", 0.25, "--config", tiny_config,
+           "--out", run, "--device", "cpu", "--quiet")
+    n_good, n_defect = folder_counts(folders)
+    meta = load_model(run / "model.ckpt").checkpoint_meta
+    held_out = n_good - meta["n_train"] - meta["n_val"]
+    assert held_out == round(0.25 * n_good) and meta["n_val"] >= 1
+    assert meta["n_test"] == held_out + n_defect
+    assert meta["category"] == "product" and meta["root"] is None
+    assert meta["folder"]["good_dir"] == str(folders["good"].resolve())
+    assert meta["folder"]["test_fraction"] == 0.25
+
+    # No data options: the folders recorded at training, the held-out good images only.
+    out = tmp_path / "test"
+    result = invoke("test", run / "model.ckpt", "--out", out, "--device", "cpu", "--quiet")
+    assert "product" in result.stdout and "held out" in result.stderr
+    payload = json.loads((out / "metrics.json").read_text())
+    metrics = payload["metrics"]
+    assert (metrics["n_good"], metrics["n_defect"]) == (held_out, n_defect)
+    assert "pixel_auroc" in metrics  # the masks were found
+    assert payload["folder"]["held_out_only"] is True
+    assert (out / "roc.png").is_file() and (out / "examples.png").is_file()
+
+    # The training folder named explicitly: still only its held-out images.
+    again = tmp_path / "again"
+    invoke("test", run / "model.ckpt", "--good-dir", folders["good"], "--out", again,
+           "--device", "cpu", "--quiet")
+    repeated = json.loads((again / "metrics.json").read_text())["metrics"]
+    for key in ("n_good", "n_defect", "image_auroc", "pixel_auroc"):
+        assert repeated[key] == metrics[key], key
+
+    # Another folder of good images: all of them, with the recorded defects and their masks.
+    other = tmp_path / "other"
+    invoke("test", run / "model.ckpt", "--good-dir", folders["other"], "--out", other,
+           "--device", "cpu", "--quiet")
+    metrics = json.loads((other / "metrics.json").read_text())["metrics"]
+    assert metrics["n_good"] == len(list(folders["other"].glob("*.png")))
+    assert metrics["n_defect"] == n_defect and "pixel_auroc" in metrics
+
+
+def test_folder_split_is_deterministic_in_the_seed(folders: dict[str, Path], tiny_config: Path,
+                                                   tmp_path: Path) -> None:
+    from anomalykit.training import load_model
+
+    def held_out(seed: int, name: str) -> list[str]:
+        run = tmp_path / name
+        invoke("train", TINY, "--good-dir", folders["good"], "--config", tiny_config,
+               "--set", "epochs=1", "--seed", seed, "--out", run, "--device", "cpu", "--quiet")
+        meta = load_model(run / "model.ckpt").checkpoint_meta
+        assert meta["folder"]["defect_dir"] is None and meta["folder"]["test_fraction"] == 0.2
+        from anomalykit.pipeline import FolderData, load_folder_split
+
+        records = load_folder_split(FolderData.from_meta(meta["folder"]), "test", seed)
+        return [r.path.name for r in records]
+
+    first, again, other = held_out(0, "a"), held_out(0, "b"), held_out(1, "c")
+    assert first == again and len(first) == round(0.2 * folder_counts(folders)[0])
+    assert first != other
+
+
+def test_folder_train_good_only_then_test_with_defects(folders: dict[str, Path],
+                                                       tiny_config: Path,
+                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    invoke("train", TINY, "--good-dir", folders["good"], "--config", tiny_config, "--set",
+           "epochs=1", "--out", run, "--device", "cpu", "--quiet")
+    # Trained without defects: testing needs them, and says which option gives them.
+    assert_error(runner.invoke(app, ["test", str(run / "model.ckpt")]), "--defect-dir")
+    out = tmp_path / "test"
+    invoke("test", run / "model.ckpt", "--defect-dir", folders["bad"], "--out", out,
+           "--device", "cpu", "--quiet")
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["n_defect"] == folder_counts(folders)[1]
+    assert "pixel_auroc" not in metrics  # no --mask-dir: image-level metrics only
+
+
+def test_folder_benchmark(folders: dict[str, Path], tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    invoke("benchmark", "--detectors", TINY, "--good-dir", folders["good"], "--defect-dir",
+           folders["bad"], "--mask-dir", folders["masks"], "--config", tiny_config, "--set",
+           "epochs=1", "--out", out, "--device", "cpu", "--no-onnx", "--quiet")
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["detector"], r["category"], r["error"]) for r in rows] == [(TINY, "product", "")]
+    assert np.isfinite(float(rows[0]["pixel_auroc"]))
+    assert "--good-dir" in (out / "results.md").read_text()
+
+
+def test_folder_errors_name_the_folder(folders: dict[str, Path], dataset: Path,
+                                       tiny_config: Path, tmp_path: Path) -> None:
+    def train(*extra: object) -> Result:
+        args = ["train", TINY, "--config", tiny_config, "--out", tmp_path / "out", "--device",
+                "cpu", "--quiet", *extra]
+        return runner.invoke(app, [str(a) for a in args])
+
+    missing = tmp_path / "no_such_folder"
+    assert_error(train("--good-dir", missing), str(missing), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_error(train("--good-dir", empty), f"no images in {empty}")
+    assert_error(train("--good-dir", folders["good"], "--defect-dir", missing), str(missing))
+    assert_error(train("--defect-dir", folders["bad"]), "--good-dir")
+    assert_error(train("--good-dir", folders["good"], "--root", dataset, "--category",
+                       CATEGORY), "not both")
+    assert_error(train(), "--root", "--good-dir")
+    # A defect image without its mask: the message names the image.
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["bad"], bad)
+    extra = next(bad.rglob("*.png"))
+    shutil.copy(extra, extra.with_name("extra.png"))
+    assert_error(train("--good-dir", folders["good"], "--defect-dir", bad, "--mask-dir",
+                       folders["masks"]), "extra.png", "has no mask")
+    result = runner.invoke(app, ["benchmark", "--detectors", TINY, "--good-dir",
+                                 str(folders["good"]), "--out", str(tmp_path / "b"),
+                                 "--config", str(tiny_config)])
+    assert_error(result, "--defect-dir")
+
+
+# -- profiles --------------------------------------------------------------------------------
+
+
+def test_user_profiles_come_before_the_packaged_ones(dataset: Path, tiny_config: Path,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalykit.config import available_profiles, configs_dir, load_config
+
+    packaged = load_config("ae", "quick")
+    assert Path(packaged["source"]).is_relative_to(Path(str(configs_dir())))
+    assert (REPO / "anomalykit" / "configs" / "ae" / "quick.yaml").is_file()
+    assert not (REPO / "configs").exists()  # one copy of the profiles, inside the package
+
+    profiles = tmp_path / "profiles"
+    (profiles / TINY).mkdir(parents=True)
+    shutil.copy(tiny_config, profiles / TINY / "mine.yaml")
+    (profiles / "ae").mkdir()
+    (profiles / "ae" / "quick.yaml").write_text("model:\n  image_size: 32\ntrain:\n  epochs: 1\n",
+                                                encoding="utf-8")
+    monkeypatch.setenv("ANOMALYKIT_CONFIGS", str(profiles))
+    mine = load_config("ae", "quick")
+    assert mine["source"] == str(profiles / "ae" / "quick.yaml")
+    assert mine["train"] == {"epochs": 1}
+    assert available_profiles("ae") == ["paper", "quick"]  # the packaged paper is still there
+    assert load_config("ae", "paper")["source"] != mine["source"]
+
+    run = tmp_path / "run"
+    invoke("train", TINY, "--root", dataset, "--category", CATEGORY, "--config", "mine",
+           "--out", run, "--device", "cpu", "--quiet")
+    assert (run / "model.ckpt").is_file()
+    result = runner.invoke(app, ["train", TINY, "--root", str(dataset), "--category", CATEGORY,
+                                 "--config", "nope", "--out", str(run)])
+    assert_error(result, "no config 'nope'", "mine")

@@ -12,16 +12,11 @@ from tiny_detector import TinyConvDetector
 from torch import Tensor
 
 import anomalykit.training
+from anomalykit.benchmark.timing import time_inference
 from anomalykit.data import SYNTHETIC_CATEGORIES, AnomalyDataset, generate_synthetic
 from anomalykit.errors import ConfigError, DataError
-from anomalykit.pipeline import (
-    TorchPredictor,
-    evaluate_detector,
-    load_predictor,
-    load_split,
-    time_inference,
-    train_detector,
-)
+from anomalykit.export.torch_predictor import TorchPredictor, load_predictor
+from anomalykit.pipeline import evaluate_detector, load_split, train_detector
 from anomalykit.registry import register_detector
 from anomalykit.training import load_model, predict
 

@@ -19,9 +19,12 @@ import os
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anomalykit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from anomalykit.pipeline import FolderData
 
 __all__ = ["run_benchmark", "benchmark_pair"]
 
@@ -40,25 +43,27 @@ def _onnx_device(torch_device: str) -> str:
     return "cpu"
 
 
-def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str],
+def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str] | None,
                    config: str | os.PathLike[str], overrides: Sequence[str] | None,
                    out_dir: str | os.PathLike[str], device: str, seed: int, onnx: bool = True,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run one pair and return its results row (see :data:`report.COLUMNS`)."""
+                   progress: bool = True, folder: FolderData | None = None) -> dict[str, Any]:
+    """Run one pair and return its results row (see :data:`report.COLUMNS`).
+
+    With ``folder`` the data is that folder dataset and ``category`` only names it.
+    """
     from rich.markup import escape
 
     from anomalykit.benchmark import report
-    from anomalykit.pipeline import (
-        TorchPredictor,
-        evaluate_detector,
-        time_inference,
-        train_detector,
-    )
+    from anomalykit.benchmark.timing import time_inference
+    from anomalykit.export.torch_predictor import TorchPredictor
+    from anomalykit.pipeline import evaluate_detector, train_detector
     from anomalykit.training.progress import console
 
     out = Path(out_dir)
     run_dir = out / "runs" / detector / category
-    trained = train_detector(detector, root=root, category=category, config=config,
+    data: dict[str, Any] = ({"folder": folder} if folder is not None
+                            else {"root": root, "category": category})
+    trained = train_detector(detector, **data, config=config,
                              overrides=list(overrides or []), out_dir=run_dir, device=device,
                              seed=seed, progress=progress)
     model = trained.detector
@@ -115,9 +120,9 @@ def _time_onnx(model: Any, run_dir: Path, category: str, seed: int, paths: Seque
     """Export ``model`` to run_dir/model.onnx and time onnxruntime on ``paths``."""
     import torch
 
+    from anomalykit.benchmark.timing import time_inference
     from anomalykit.export import export_onnx
     from anomalykit.export.runtime import OnnxDetector
-    from anomalykit.pipeline import time_inference
 
     onnx_path = export_onnx(model, run_dir / "model.onnx",
                             metadata={"category": category, "seed": seed})
@@ -127,21 +132,29 @@ def _time_onnx(model: Any, run_dir: Path, category: str, seed: int, paths: Seque
     return time_inference(session, paths, progress=progress, desc="time onnx")
 
 
-def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str],
+def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                   categories: Sequence[str], config: str | os.PathLike[str],
-                  overrides: Sequence[str] | None) -> None:
-    """Fail before the first pair on typos: names, categories, config keys.
+                  overrides: Sequence[str] | None, folder: FolderData | None = None) -> None:
+    """Fail before the first pair on typos: names, categories or folders, config keys.
 
     A per-pair failure is recorded and skipped; a typo would otherwise turn the whole
     benchmark into a table of identical error rows.
     """
     from anomalykit.config import load_config
-    from anomalykit.data import list_mvtec_categories
+    from anomalykit.data import list_mvtec_categories, scan_folder
 
     if not detectors:
         raise ConfigError("no detectors to benchmark")
     for detector in detectors:
         load_config(detector, config, list(overrides or []))  # checks the name too
+    if folder is not None:
+        if folder.defect_dir is None:
+            raise ConfigError(f"benchmarking on {folder.good_dir} needs defective test images "
+                              "(--defect-dir)")
+        scan_folder(folder.good_dir, folder.defect_dir, folder.mask_dir)  # names a bad folder
+        return
+    if root is None:
+        raise ConfigError("no data: give a dataset root (MVTec AD layout) or a folder dataset")
     available = list_mvtec_categories(root)
     if not categories:
         raise ConfigError(f"no categories to benchmark in {root}")
@@ -151,8 +164,9 @@ def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str],
                           f"available: {', '.join(available) or 'none'}")
 
 
-def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str],
-                  categories: Sequence[str], *, config: str | os.PathLike[str] = "quick",
+def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
+                  categories: Sequence[str], *, folder: FolderData | None = None,
+                  config: str | os.PathLike[str] = "quick",
                   overrides: Sequence[str] | None = None,
                   out_dir: str | os.PathLike[str] = "runs/benchmark", device: str = "auto",
                   seed: int = 0, onnx: bool = True, progress: bool = True,
@@ -162,8 +176,11 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str],
 
     Args:
         detectors: Registered detector names.
-        root: MVTec-layout dataset root.
-        categories: Category folders under ``root``.
+        root: MVTec-layout dataset root (``None`` with ``folder``).
+        categories: Category folders under ``root``; ignored with ``folder``.
+        folder: Benchmark on this folder dataset (:class:`~anomalykit.pipeline.FolderData`,
+            with a defect folder) instead; its :attr:`~anomalykit.pipeline.FolderData.name`
+            is the results' category.
         config, overrides: Profile/YAML and ``key=value`` overrides, the same for every pair.
         out_dir: Benchmark folder (see :mod:`anomalykit.benchmark.report` for its layout).
         device: ``auto``/``cpu``/``cuda[:N]`` for training and PyTorch inference.
@@ -189,7 +206,9 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str],
         if threads < 1:
             raise ConfigError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-    _check_inputs(detectors, root, categories, config, overrides)
+    if folder is not None:
+        root, categories = None, [folder.name]
+    _check_inputs(detectors, root, categories, config, overrides, folder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = report.environment_info(torch_device, command or "(python API) run_benchmark")
@@ -206,7 +225,8 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str],
                 try:
                     row = benchmark_pair(detector, category, root=root, config=config,
                                          overrides=overrides, out_dir=out, device=torch_device,
-                                         seed=seed, onnx=onnx, progress=progress)
+                                         seed=seed, onnx=onnx, progress=progress,
+                                         folder=folder)
                 except Exception as exc:  # noqa: BLE001 - one failing pair must not stop the rest
                     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -7,6 +7,9 @@ imports torch, and a training machine without onnxruntime can still import this 
   :class:`InferenceWrapper` live in :mod:`anomalykit.export.onnx` (torch).
 - :class:`OnnxDetector`, :func:`available_providers`, :func:`overlay_heatmap`,
   :func:`read_image` live in :mod:`anomalykit.export.runtime` (numpy, onnxruntime, OpenCV).
+- :class:`TorchPredictor` (a checkpoint behind ``OnnxDetector``'s interface) and
+  :func:`load_predictor` (``.ckpt`` or ``.onnx`` -> a predictor) live in
+  :mod:`anomalykit.export.torch_predictor` (torch).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ _LAZY = {
     "available_providers": "anomalykit.export.runtime",
     "overlay_heatmap": "anomalykit.export.runtime",
     "read_image": "anomalykit.export.runtime",
+    "TorchPredictor": "anomalykit.export.torch_predictor",
+    "load_predictor": "anomalykit.export.torch_predictor",
 }
 
 __all__ = [
     "ExportError",
     "InferenceWrapper",
     "OnnxDetector",
+    "TorchPredictor",
     "available_providers",
     "compare_with_torch",
     "export_checkpoint",
     "export_onnx",
+    "load_predictor",
     "overlay_heatmap",
     "read_image",
 ]
