@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from anomalykit.errors import ConfigError
+from anomalykit.errors import ConfigError, check_choice
+from anomalykit.nn.normalization import NORMALIZATIONS, register_input_stats
 
 
 class AnomalyOutput(NamedTuple):
@@ -28,12 +29,6 @@ class AnomalyOutput(NamedTuple):
 
     score: Tensor
     anomaly_map: Tensor
-
-
-def check_choice(name: str, value: Any, choices) -> None:
-    """The one check for string options: a ConfigError (a ValueError) listing the choices."""
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -59,17 +54,20 @@ class Estimator(nn.Module):
     """Base of everything trainable.
 
     Subclasses implement ``training_step(batch) -> dict[str, Tensor]`` (with a
-    ``"loss"`` entry) and ``configure_optimizers()``. Models that alternate
-    several optimizers (GANs) set ``manual_optimization = True`` and step the
-    optimizers themselves inside ``training_step(batch, optimizers)``.
-    Closed-form models (PCA, GMM) override :meth:`fit` instead.
+    ``"loss"`` entry) and ``configure_optimizers()``, plus the hooks they need (below).
+    Models that alternate several optimizers (GANs) set ``manual_optimization = True``
+    and step the optimizers themselves inside ``training_step(batch, optimizers)``.
+    Closed-form models (PCA, GMM) set ``closed_form = True`` and implement
+    :meth:`solve` and :meth:`per_sample_loss`. Nobody overrides :meth:`fit`.
     """
 
     registry_name: str = ""
     registry_kind: str = ""
     manual_optimization: bool = False
-    # Closed-form models (PCA, GMM) set this and override fit: the training loop hands over.
+    # Closed-form models (PCA, GMM) set this and implement solve/per_sample_loss.
     closed_form: bool = False
+    # Steps done so far; set by the training loop (warm-up, schedules).
+    global_step: int = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,12 +99,38 @@ class Estimator(nn.Module):
         cls.__init__ = recording_init
 
     # -- training hooks -------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    # The loop (anomalykit.training.fit) owns epochs, devices, checkpoints and resume and calls
+    # these; a model supplies what differs. Order in one fit:
+    #   setup_fit -> configure_optimizers -> [on_train_epoch_start -> (training_step ->
+    #   on_after_optimizer_step) per batch -> validation_step per val batch] per epoch
+    #   -> on_fit_end.
+    def setup_fit(self, train_data: Any, val_data: Any, *, batch_size: int, num_workers: int,
+                  progress: bool) -> tuple[Any, Any]:
+        """Prepare what the loop iterates; default: the data unchanged.
+
+        Called after seeding and moving the model to the training device, before
+        :meth:`configure_optimizers`. Returns ``(train, val)`` (``val`` may be None), e.g.
+        caches of frozen backbone features. Its time is part of the history's ``seconds`` and
+        reported as ``setup_seconds``.
+        """
+        return train_data, val_data
+
+    def training_step(self, batch: dict[str, Any], *args: Any) -> dict[str, Tensor]:
+        """One batch -> losses ``{"loss": scalar, ...}`` (extra entries are logged).
+
+        Automatic optimization: the loop back-propagates ``"loss"`` and steps the optimizer.
+        With ``manual_optimization = True`` the signature is
+        ``training_step(batch, optimizers)``: the model zeroes, back-propagates and steps its
+        own optimizers (several, alternating: GANs) and returns detached losses to log.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement training_step")
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Loss on held-out good images; by default the training loss without gradients."""
+        """Loss on held-out good images; by default the training loss without gradients.
+
+        Manually optimized models must override it (their training_step steps optimizers).
+        """
         return self.training_step(batch)
 
     def on_train_epoch_start(self, epoch: int, epochs: int,
@@ -118,11 +142,45 @@ class Estimator(nn.Module):
         learning rate set from the epoch (DRAEM's steps).
         """
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    def on_after_optimizer_step(self, step: int) -> None:
+        """Called after every training step's update (``step`` counts from 1); no-op.
+
+        E.g. an exponential moving average of the weights. ``self.global_step`` holds the
+        number of steps done before the current one while ``training_step`` runs.
+        """
+
+    def on_fit_end(self, train_data: Any) -> None:
+        """Called once after training (best weights restored) with the ORIGINAL train data.
+
+        E.g. fitting a prior over latent codes. No-op by default.
+        """
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer] | dict:
+        """The optimizers, and optionally learning-rate schedulers.
+
+        Return one optimizer, a list of them (manual optimization only, when more than one),
+        or ``{"optimizers": opt or [opts], "schedulers": sched or [scheds],
+        "interval": "epoch" | "step"}``: the loop steps the schedulers after every epoch
+        (default) or every training step, and saves their state in ``last.ckpt``.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement configure_optimizers")
 
+    # -- closed-form models (closed_form = True) -------------------------------------------
+    def solve(self, images: Tensor, *, seed: int) -> None:
+        """Fit in one pass on every training image at once ((N, ...) on the CPU)."""
+        raise NotImplementedError(f"{type(self).__name__} sets closed_form but has no solve")
+
+    def per_sample_loss(self, images: Tensor) -> Tensor:
+        """(N,) loss of a closed-form model on ``images``, reported in the history."""
+        raise NotImplementedError(f"{type(self).__name__} sets closed_form but has no "
+                                  "per_sample_loss")
+
     def fit(self, train_data, val_data=None, **trainer_options: Any) -> dict[str, Any]:
-        """Train with the toolkit's one loop (see :func:`anomalykit.training.fit`)."""
+        """Train with the toolkit's one loop (see :func:`anomalykit.training.fit`).
+
+        Subclasses do not override this: what a model needs around training goes into the
+        hooks above (``setup_fit``, ``on_fit_end``, ...), or ``solve`` for closed-form models.
+        """
         from anomalykit.training import fit
 
         return fit(self, train_data, val_data, **trainer_options)
@@ -161,15 +219,6 @@ class GenerativeModel(Estimator):
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct")
 
 
-NORMALIZATIONS = {
-    # Detectors receive images in [0, 1] and normalise inside forward, so the
-    # ONNX graph and PyTorch see exactly the same arithmetic.
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], for tanh decoders
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
 class Detector(Estimator):
     """An anomaly detector trained on good images only.
 
@@ -196,8 +245,7 @@ class Detector(Estimator):
         """Register input mean/std buffers for one of :data:`NORMALIZATIONS`."""
         check_choice("normalization", normalization, NORMALIZATIONS)
         mean, std = NORMALIZATIONS[normalization]
-        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        register_input_stats(self, mean, std, persistent=False)
 
     def normalize_input(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> the detector's own input range."""

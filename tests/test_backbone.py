@@ -252,6 +252,29 @@ def test_random_weights_only_on_explicit_request(no_download, no_package):
     assert model.source == "random" and model.channels == [24]
 
 
+def test_input_normalization_buffers_are_the_weights_statistics_and_persistent(backbone):
+    detector = nn.Module()
+    backbone_module.register_input_normalization(detector, backbone)
+    assert torch.equal(detector.input_mean.flatten(), torch.tensor(backbone.input_mean))
+    assert torch.equal(detector.input_std.flatten(), torch.tensor(backbone.input_std))
+    assert set(detector.state_dict()) == {"input_mean", "input_std"}  # saved in checkpoints
+
+
+def test_nn_imports_nothing_from_the_contracts():
+    """nn/ holds plain modules: importing all of it loads no base, training or registry."""
+    import pathlib
+    import subprocess
+    import sys
+
+    names = sorted(p.stem for p in pathlib.Path(backbone_module.__file__).parent.glob("*.py")
+                   if p.stem != "__init__")
+    code = ("import sys\n" + "".join(f"import anomalykit.nn.{n}\n" for n in names)
+            + "print(sorted(m for m in sys.modules if m.split('.')[:2] in "
+              "(['anomalykit', 'base'], ['anomalykit', 'training'], ['anomalykit', 'registry'])))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 # -- ONNX --------------------------------------------------------------------------------------
 
 

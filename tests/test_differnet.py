@@ -83,6 +83,39 @@ def test_cached_features_give_the_same_loss_as_images():
     assert history["epochs_run"] == 2 and np.isfinite(history["train_loss"][-1]["loss"])
 
 
+def test_augmenting_data_trains_uncached_with_a_warning():
+    class Augmenting(torch.utils.data.Dataset):
+        augment = True
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+            return {"image": images(2)[index]}
+
+    data = Augmenting()
+    with pytest.warns(UserWarning, match="augments images on the fly"):
+        train, val = small().setup_fit(data, None, batch_size=2, num_workers=0, progress=False)
+    assert train is data and val is None
+
+
+def test_input_statistics_are_saved_with_the_model(tmp_path):
+    """A checkpoint is rebuilt with random backbone weights, whose default statistics may differ
+    from those of the weights it was trained with: the trained ones come from the checkpoint."""
+    from anomalykit.base import Estimator
+
+    model = small()
+    assert torch.equal(model.input_mean.flatten(), torch.tensor(model.backbone.input_mean))
+    with torch.no_grad():  # stand-ins for another weight file's statistics
+        model.input_mean.fill_(0.25)
+        model.input_std.fill_(0.75)
+    model.save(tmp_path / "model.ckpt")
+    loaded = Estimator.load(tmp_path / "model.ckpt")
+    assert loaded.backbone.source == "random"
+    assert torch.equal(loaded.input_mean, model.input_mean)
+    assert torch.equal(loaded.input_std, model.input_std)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from anomalykit.data import generate_synthetic

@@ -15,8 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA as SkPCA
 from sklearn.mixture import GaussianMixture
 
-from anomalykit.base import Estimator, GenerativeModel
-from anomalykit.errors import ConfigError
+from anomalykit.base import Estimator
 from anomalykit.generative.gmm import GaussianMixtureModel
 from anomalykit.generative.pca import PCA
 from anomalykit.training import fit
@@ -186,17 +185,6 @@ def test_closed_form_models_train_through_the_toolkit_fit(model, tmp_path):
     # max_steps reads only that many batches
     history = fit(model, data, epochs=1, max_steps=1, batch_size=16, device="cpu", progress=False)
     assert history["steps"] == 1 and int(model.n_samples_seen_) == 16
-
-
-def test_closed_form_without_a_fit_of_its_own_is_a_clear_error():
-    class Broken(GenerativeModel):
-        closed_form = True
-
-        def __init__(self) -> None:
-            super().__init__()
-
-    with pytest.raises(ConfigError, match="does not override fit"):
-        fit(Broken(), torch.rand(4, 3), progress=False)
 
 
 # -- the detector ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def digits() -> torch.Tensor:
 
 
 def train(model, data, epochs: int = 6) -> list[dict[str, float]]:
-    # model.fit, not training.fit: VQVAE.fit also counts the code histogram afterwards
+    # the loop ends with on_fit_end: VQVAE counts its code histogram, AutoEncoder fits its prior
     return model.fit(data, epochs=epochs, batch_size=32, device="cpu", progress=False)["train_loss"]
 
 
@@ -293,6 +293,25 @@ def test_vqvae_losses_fall_on_digits(digits, ema):
     model.eval()
     with torch.no_grad():
         assert model.encode(digits[:2]).shape == (2, SIZE // 4, SIZE // 4)
+
+
+def test_the_loop_ends_by_fitting_the_priors_on_the_training_data(digits):
+    from anomalykit.generative.ae import AutoEncoder
+    from anomalykit.training import fit
+
+    data = digits[:40]
+    torch.manual_seed(0)
+    ae = AutoEncoder(SIZE, latent_dim=8, **SMALL)
+    vq = VQVAE(SIZE, num_codes=8, code_dim=4, **SMALL)
+    for model in (ae, vq):
+        fit(model, data, epochs=1, batch_size=16, device="cpu", progress=False)
+        assert model.training  # the prior pass ran in eval mode and gave the mode back
+    with torch.no_grad():
+        codes = ae.eval().encode(data)
+    torch.testing.assert_close(ae.latent_mean_, codes.mean(0))
+    torch.testing.assert_close(ae.latent_std_, codes.std(0, unbiased=False).clamp_min(1e-6))
+    # one Laplace count per code plus one per position of every training image
+    assert float(vq.code_counts_.sum()) == 8 + len(data) * (SIZE // 4) ** 2
 
 
 # -- denoising and masked autoencoders ---------------------------------------------------------

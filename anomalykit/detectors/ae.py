@@ -13,8 +13,6 @@ overlaps), all with static shapes so the tiling exports to ONNX.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +28,8 @@ from anomalykit.generative.ae import (
     reconstruction_error_map,
     reconstruction_loss,
 )
-from anomalykit.nn.functional import gaussian_blur
+from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map
 from anomalykit.registry import register_detector
-
-ScoreReduction = Literal["max", "mean"]
 
 
 def tile_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -73,11 +69,11 @@ class AEDetector(Detector):
                  strides: list[int] | tuple[int, ...] = BERGMANN_STRIDES,
                  batch_norm: bool = False, loss: ReconstructionLoss = "l2",
                  patch_size: int | None = None, patch_stride: int | None = None,
-                 map_sigma: float = 2.0, score_reduction: ScoreReduction = "max",
+                 map_sigma: float = 2.0, score_reduction: MapReduction = "max",
                  ssim_window: int = 11, lr: float = 2e-4, weight_decay: float = 0.0) -> None:
         super().__init__()
         check_choice("loss", loss, LOSSES)
-        check_choice("score_reduction", score_reduction, ("max", "mean"))
+        check_choice("score_reduction", score_reduction, MAP_REDUCTIONS)
         patch = image_size if patch_size is None else patch_size
         if not 0 < patch <= image_size:
             raise ConfigError(f"patch_size {patch_size} must be in (0, image_size={image_size}]")
@@ -125,9 +121,7 @@ class AEDetector(Detector):
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) in [0, 1] -> score (B,), anomaly_map (B, 1, S, S)."""
         amap = gaussian_blur(self.error_map(self.normalize_input(images)), self.map_sigma)
-        flat = amap.flatten(1)
-        score = flat.amax(1) if self.score_reduction == "max" else flat.mean(1)
-        return AnomalyOutput(score, amap)
+        return AnomalyOutput(reduce_map(amap, self.score_reduction), amap)
 
 
 @register_detector("ae_ssim")

@@ -23,9 +23,10 @@ Differences from the paper, on purpose:
   (``torch.rot90``: no interpolation, no black corners); otherwise a bilinear ``grid_sample``
   rotation with zero (black) fill, as torchvision's RandomRotation in the reference code.
   Both export to ONNX (GridSample needs opset >= 16).
-* Feature cache: the backbone is frozen and the set of rotations is finite, so
-  :meth:`DifferNetDetector.fit` computes the pooled features of every training image under
-  every rotation once, then trains the flow on them (``cache_features``). On 2 CPU cores this
+* Feature cache: the backbone is frozen and the set of rotations is finite, so ``fit`` (the
+  :meth:`DifferNetDetector.setup_fit` hook) computes the pooled features of every training
+  image under every rotation once, then the loop trains the flow on them (``cache_features``;
+  :mod:`anomalykit.training.feature_cache`). On 2 CPU cores this
   is what makes a useful number of epochs affordable (see configs/differnet/quick.yaml). Data
   that augments on the fly (``train.augment: true``) falls back to backbone features per step.
 
@@ -38,7 +39,8 @@ output nor computed in the runtime: it is available in PyTorch only, as
 :meth:`DifferNetDetector.gradient_map`. ``forward`` (hence the ONNX graph, the benchmarks'
 pixel metrics and the deployed model) returns the same gradient stopped at the backbone
 features, Grad-CAM style (Selvaraju et al. 2017): g = d score / d v is computed in the graph by
-an explicit backward pass through the flow (:func:`flow_vjp`, plain tensor ops), and the map
+an explicit backward pass through the flow (:func:`flow_vjp`: the layers' own ``vjp``, plain
+tensor ops), and the map
 at a pixel p is ReLU( sum_t R_t^-1 sum_s <g_ts, F_ts(p)> ) / S^2, F_ts the feature map of
 transform t at scale s upsampled to S, R_t^-1 the inverse rotation, then Gaussian-smoothed
 (``map_sigma``). Dividing by S^2 makes it each pixel's share of the first-order score <g, v>
@@ -51,21 +53,20 @@ AUROC was 0.78 against 0.70 for the input gradient (0.76 without the rotations a
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.errors import ConfigError
-from anomalykit.nn.backbone import DEFAULT_BACKBONE, Backbone
+from anomalykit.nn.backbone import DEFAULT_BACKBONE, Backbone, register_input_normalization
 from anomalykit.nn.coupling import AffineCoupling, FlowSequential, Permutation, subnet_fc
 from anomalykit.nn.functional import gaussian_blur
 from anomalykit.registry import register_detector
+from anomalykit.training.feature_cache import FeatureCache, augments, cache_features
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -84,72 +85,14 @@ def rotation_theta(angles_deg: list[float]) -> Tensor:
     return theta.to(torch.float32)
 
 
-def _subnet_vjp(subnet: nn.Module, h: Tensor, grad_out: Tensor) -> Tensor:
-    """(d subnet(h) / d h)^T grad_out for an fc subnet (Linear / ReLU / Dropout / Identity)."""
-    layers = list(subnet) if isinstance(subnet, nn.Sequential) else [subnet]
-    inputs = []
-    for layer in layers:
-        inputs.append(h)
-        h = layer(h)
-    g = grad_out
-    for layer, inp in zip(reversed(layers), reversed(inputs), strict=True):
-        if isinstance(layer, nn.Linear):
-            g = g @ layer.weight
-        elif isinstance(layer, nn.ReLU):
-            g = g * (inp > 0).to(g.dtype)
-        elif isinstance(layer, nn.Dropout):
-            # In eval mode the identity; in training mode forward is random anyway.
-            pass
-        elif not isinstance(layer, nn.Identity):
-            raise ConfigError(f"flow_vjp cannot differentiate subnet layer {type(layer).__name__}")
-    return g
-
-
 def flow_vjp(flow: FlowSequential, x: Tensor, grad_z: Tensor) -> Tensor:
-    """(dz/dx)^T grad_z for a chain of :class:`Permutation` and fc :class:`AffineCoupling` layers.
+    """(dz/dx)^T grad_z through the flow: x, grad_z (B, D) -> (B, D).
 
-    x, grad_z: (B, D). Written out with plain tensor ops (no autograd) so that it exports to
-    ONNX inside ``forward``. For a coupling z1 = x1, z2 = x2 * exp(s) + t with
-    s = c * tanh(s_raw / c) and (s_raw, t) = subnet(x1):
-    dL/dx2 = g2 exp(s); dL/ds_raw = g2 x2 exp(s) (1 - tanh^2(s_raw / c)); dL/dt = g2;
-    dL/dx1 = g1 + subnet^T [dL/ds_raw, dL/dt].
+    The chain rule over the layers' own vector-Jacobian products
+    (:meth:`anomalykit.nn.coupling.Flow.vjp`), plain tensor ops without autograd, so that it
+    exports to ONNX inside ``forward``.
     """
-    inputs = []
-    for layer in flow:
-        inputs.append(x)
-        x, _ = layer(x)
-    g = grad_z
-    for layer, inp in zip(reversed(flow), reversed(inputs), strict=True):
-        if isinstance(layer, Permutation):
-            g = g[:, layer.inv_perm]
-        elif isinstance(layer, AffineCoupling) and layer.cond_channels == 0:
-            x1, x2 = inp[:, :layer.split], inp[:, layer.split:]
-            g1, g2 = g[:, :layer.split], g[:, layer.split:]
-            s_raw, _ = layer.subnet(x1).chunk(2, dim=1)
-            tanh = torch.tanh(s_raw / layer.clamp)
-            scale = torch.exp(layer.clamp * tanh)
-            grad_s_raw = g2 * x2 * scale * (1.0 - tanh * tanh)
-            grad_x1 = g1 + _subnet_vjp(layer.subnet, x1, torch.cat([grad_s_raw, g2], dim=1))
-            g = torch.cat([grad_x1, g2 * scale], dim=1)
-        else:
-            raise ConfigError(f"flow_vjp cannot differentiate {type(layer).__name__}")
-    return g
-
-
-class _CachedFeatures(Dataset):
-    """Items {"features": (T, D) pooled features of one image under every transform}.
-
-    "image" is an empty placeholder: the training loop counts validation samples by it.
-    """
-
-    def __init__(self, features: Tensor) -> None:
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"features": self.features[index], "image": torch.empty(0)}
+    return flow.vjp(x, grad_z)
 
 
 # -- detector --------------------------------------------------------------------------------
@@ -207,10 +150,7 @@ class DifferNetDetector(Detector):
         # seed only, not on what was built before.
         with torch.random.fork_rng(devices=[]):
             self.backbone = Backbone(backbone, out_indices, weights=backbone_weights)
-        if self.backbone.normalization is None:
-            raise ConfigError(f"backbone {backbone!r}: its input statistics match no entry of "
-                              "anomalykit.base.NORMALIZATIONS")
-        self.set_normalization(self.backbone.normalization)
+        register_input_normalization(self, self.backbone)
         self.dim = n_scales * sum(self.backbone.channels)
         if self.dim % 2:
             raise ConfigError(f"the feature dimension {self.dim} must be even (couplings split it)")
@@ -275,7 +215,7 @@ class DifferNetDetector(Detector):
         return torch.randint(0, self.n_transforms, (n,))
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        if "features" in batch:  # cached by fit(): (B, T, D), every transform of each image
+        if "features" in batch:  # cached by setup_fit: (B, T, D), every transform of each image
             cached = batch["features"]
             rows = torch.arange(len(cached)).repeat_interleave(self.train_transforms)
             features = cached[rows.to(cached.device),
@@ -299,48 +239,33 @@ class DifferNetDetector(Detector):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-    @torch.no_grad()
-    def cache(self, data, *, batch_size: int = 16, progress: bool = False) -> _CachedFeatures:
+    def transformed_features(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, T, D) pooled features of each image under every transform."""
+        features = self.pool(self.feature_maps(self.transform_all(images)))
+        return features.view(self.n_transforms, len(images), -1).transpose(0, 1)
+
+    def cache(self, data, *, batch_size: int = 16, num_workers: int = 0,
+              progress: bool = False) -> FeatureCache:
         """Pooled features of every image of ``data`` under every transform: items (T, D)."""
-        from anomalykit.training.inference import as_loader
-        from anomalykit.training.progress import track
+        return cache_features(self, data, self.transformed_features, batch_size=batch_size,
+                              num_workers=num_workers, progress=progress, desc="differnet features")
 
-        was_training = self.training
-        self.eval()
-        chunks = []
-        try:
-            for batch in track(as_loader(data, batch_size=batch_size), "differnet features",
-                               enabled=progress):
-                images = batch["image"].to(self.device)
-                features = self.pool(self.feature_maps(self.transform_all(images)))
-                chunks.append(features.view(self.n_transforms, len(images), -1).transpose(0, 1))
-        finally:
-            self.train(was_training)
-        return _CachedFeatures(torch.cat(chunks).cpu())
+    def setup_fit(self, train_data, val_data, *, batch_size: int, num_workers: int,
+                  progress: bool) -> tuple[Any, Any]:
+        """Loop hook: cached features when ``cache_features`` (module docstring), else the data.
 
-    def fit(self, train_data, val_data=None, **trainer_options: Any) -> dict[str, Any]:
-        """The toolkit's loop, on cached features when ``cache_features`` (module docstring)."""
-        from anomalykit.training import fit, resolve_device
-
+        Data that augments on the fly is not cached (one draw per image would be frozen).
+        """
         if not self.cache_features:
-            return fit(self, train_data, val_data, **trainer_options)
-        if getattr(getattr(train_data, "dataset", train_data), "augment", False):
+            return train_data, val_data
+        if augments(train_data):
             warnings.warn("differnet: the training data augments images on the fly, so backbone "
                           "features are computed every step instead of cached (slower)",
                           UserWarning, stacklevel=2)
-            return fit(self, train_data, val_data, **trainer_options)
-        self.to(resolve_device(str(trainer_options.get("device", "auto"))))
-        options = {"batch_size": int(trainer_options.get("batch_size", 16)),
-                   "progress": bool(trainer_options.get("progress", True))}
-        started = time.perf_counter()
-        train_cache = self.cache(train_data, **options)
-        val_cache = self.cache(val_data, **options) if val_data is not None else None
-        cache_seconds = time.perf_counter() - started
-        history = fit(self, train_cache, val_cache, **trainer_options)
-        # The caching is part of the training time (not of a resumed run's stored history).
-        history["cache_seconds"] = cache_seconds
-        history["seconds"] = history["seconds"] + cache_seconds
-        return history
+            return train_data, val_data
+        options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+        train = self.cache(train_data, **options)
+        return train, None if val_data is None else self.cache(val_data, **options)
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> AnomalyOutput:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.errors import ConfigError
-from anomalykit.nn.functional import focal_loss, ssim_loss
+from anomalykit.nn.functional import focal_loss, reduce_map, ssim_loss
 from anomalykit.nn.unet import UNet
 from anomalykit.registry import register_detector
 
@@ -195,7 +195,7 @@ class DraemDetector(Detector):
         logits = self.discriminative(torch.cat([x, recon], dim=1))
         amap = torch.softmax(logits, dim=1)[:, 1:]
         pooled = F.avg_pool2d(amap, self.score_pool, stride=1, padding=self.score_pool // 2)
-        return AnomalyOutput(pooled.flatten(1).amax(1), amap)
+        return AnomalyOutput(reduce_map(pooled, "max"), amap)
 
     # -- figures --------------------------------------------------------------------------
     @torch.no_grad()
@@ -208,32 +208,34 @@ class DraemDetector(Detector):
         """
         import cv2
 
+        from anomalykit.training.inference import evaluating
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
         array = images.detach().to("cpu", torch.float32).numpy()
-        was_training = self.training
-        self.eval()
+
+        def rgb(a: np.ndarray) -> np.ndarray:
+            a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
+            return (np.clip(a.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
+
         paths = []
-        for i in range(min(n, len(array))):
-            image = array[i]
-            for _ in range(20):  # skip the rare empty Perlin mask
-                augmented, mask, has = self.synthesizer(image, rng, force=True)
-                if has:
-                    break
-            pred = self(torch.from_numpy(augmented)[None].to(self.device)).anomaly_map
-            pred = pred[0].cpu().numpy()
+        with evaluating(self):
+            for i in range(min(n, len(array))):
+                image = array[i]
+                for _ in range(20):  # skip the rare empty Perlin mask
+                    augmented, mask, has = self.synthesizer(image, rng, force=True)
+                    if has:
+                        break
+                pred = self(torch.from_numpy(augmented)[None].to(self.device)).anomaly_map
+                pred = pred[0].cpu().numpy()
 
-            def rgb(a: np.ndarray) -> np.ndarray:
-                a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
-                return (np.clip(a.transpose(1, 2, 0), 0, 1) * 255 + 0.5).astype(np.uint8)
-
-            gap = np.full((image.shape[1], 4, 3), 255, np.uint8)
-            row = np.concatenate([rgb(image), gap, rgb(augmented), gap, rgb(mask), gap, rgb(pred)], 1)
-            scale = max(1, 128 // image.shape[1])
-            row = cv2.resize(row, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-            path = out / f"draem_synthetic_{i:02d}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
-            paths.append(path)
-        self.train(was_training)
+                gap = np.full((image.shape[1], 4, 3), 255, np.uint8)
+                row = np.concatenate([rgb(image), gap, rgb(augmented), gap, rgb(mask), gap,
+                                      rgb(pred)], 1)
+                scale = max(1, 128 // image.shape[1])
+                row = cv2.resize(row, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                path = out / f"draem_synthetic_{i:02d}.png"
+                cv2.imwrite(str(path), cv2.cvtColor(row, cv2.COLOR_RGB2BGR))
+                paths.append(path)
         return paths

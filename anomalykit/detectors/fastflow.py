@@ -13,11 +13,12 @@ Training (sec. 3.3): maximum likelihood,
 invariant to the scale, each stage's flow has its own parameters). Adam, lr 1e-3,
 weight decay 1e-5, no augmentation.
 
-Because nothing augments the images and the backbone is frozen, :meth:`FastFlowDetector.fit`
-runs the backbone over the training (and validation) images ONCE, caches the stage
-features and trains the flows on the cache through the toolkit's loop: every later epoch
-costs only the flows. ``training_step`` takes ``batch["features"]`` when present and
-computes them from ``batch["image"]`` otherwise, so the plain loop on images works too.
+Because nothing augments the images and the backbone is frozen, ``fit`` (its
+:meth:`FastFlowDetector.setup_fit` hook) runs the backbone over the training (and
+validation) images ONCE, caches the stage features (:mod:`anomalykit.training.feature_cache`)
+and the toolkit's loop trains the flows on the cache: every later epoch costs only the flows.
+``training_step`` takes ``batch["features"]`` when present and computes them from
+``batch["image"]`` otherwise, so the loop on images works too.
 
 Map (sec. 3.4): per stage ``p = exp(-0.5 * mean_C z^2)`` (the density per position, up to
 constants), upsampled bilinearly to the input size and averaged over stages. The reference
@@ -27,44 +28,27 @@ Image score = max of the map, as in anomalib.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.errors import ConfigError
-from anomalykit.nn.backbone import DEFAULT_BACKBONE, RANDOM_WEIGHTS, Backbone
+from anomalykit.nn.backbone import (
+    DEFAULT_BACKBONE,
+    RANDOM_WEIGHTS,
+    Backbone,
+    register_input_normalization,
+)
 from anomalykit.nn.coupling import AffineCoupling, FlowSequential, Permutation, subnet_conv
+from anomalykit.nn.functional import reduce_map
 from anomalykit.registry import register_detector
+from anomalykit.training.feature_cache import FeatureCache, augments, cache_features
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-class CachedFeatures(Dataset):
-    """Backbone features computed once, served as the data layer's dict items.
-
-    Item: ``{"features": [(C_i, H_i, W_i) per stage], "image": empty placeholder}``. The
-    placeholder exists because the toolkit loop counts validation samples with
-    ``len(batch["image"])``; it costs nothing.
-    """
-
-    def __init__(self, features: list[Tensor]) -> None:
-        lengths = {len(f) for f in features}
-        if len(lengths) != 1:
-            raise ConfigError(f"cached stage features disagree in length: {sorted(lengths)}")
-        self.features = features
-        self._placeholder = torch.empty(0)
-
-    def __len__(self) -> int:
-        return len(self.features[0])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"features": [f[index] for f in self.features], "image": self._placeholder}
 
 
 def stage_flow(channels: int, flow_steps: int, *, conv3x3_only: bool, hidden_ratio: float,
@@ -119,10 +103,7 @@ class FastFlowDetector(Detector):
         self.lr, self.weight_decay = lr, weight_decay
         self.backbone = Backbone(backbone, out_indices, weights=backbone_weights,
                                  allow_download=allow_download)
-        # The statistics the weights expect, saved with the model (persistent) so a checkpoint
-        # rebuilt with random backbone weights still normalises as it was trained.
-        self.register_buffer("input_mean", torch.tensor(self.backbone.input_mean).view(1, 3, 1, 1))
-        self.register_buffer("input_std", torch.tensor(self.backbone.input_std).view(1, 3, 1, 1))
+        register_input_normalization(self, self.backbone)
         with torch.no_grad():  # exact feature sizes (padding conventions differ between backbones)
             shapes = [f.shape[1:] for f in self.backbone(torch.zeros(1, 3, image_size, image_size))]
         self.norms = nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=True) for shape in shapes)
@@ -136,52 +117,28 @@ class FastFlowDetector(Detector):
         """(B, 3, S, S) in [0, 1] -> frozen backbone features [(B, C_i, H_i, W_i)], no LayerNorm."""
         return self.backbone(self.normalize_input(images))
 
-    @torch.no_grad()
     def cache_features(self, data, *, batch_size: int = 32, num_workers: int = 0,
-                       progress: bool = False) -> CachedFeatures:
+                       progress: bool = False) -> FeatureCache:
         """Run the backbone once over ``data`` (Dataset, DataLoader or image tensor).
 
-        Returns the features of every image, kept on the CPU (the loop moves each batch to
-        the training device).
+        Items ``{"features": [(C_i, H_i, W_i) per stage], ...}``, kept on the CPU (the loop
+        moves each batch to the training device).
         """
-        from anomalykit.training.inference import as_loader
-        from anomalykit.training.progress import track
+        return cache_features(self, data, self.extract_features, batch_size=batch_size,
+                              num_workers=num_workers, progress=progress)
 
-        device = self.device
-        stages: list[list[Tensor]] = []
-        loader = as_loader(data, batch_size=batch_size, num_workers=num_workers)
-        for batch in track(loader, "features", enabled=progress):
-            stages.append([f.cpu() for f in self.extract_features(batch["image"].to(device))])
-        if not stages:
-            raise ConfigError("cannot cache features of an empty dataset")
-        return CachedFeatures([torch.cat(parts) for parts in zip(*stages, strict=True)])
+    def setup_fit(self, train_data, val_data, *, batch_size: int, num_workers: int,
+                  progress: bool) -> tuple[FeatureCache, FeatureCache | None]:
+        """Loop hook: the backbone features of train (and val), computed once; the flows train on them.
 
-    def fit(self, train_data, val_data=None, **trainer_options: Any) -> dict[str, Any]:
-        """Cache the backbone features of train (and val) once, then train the flows on them.
-
-        ``trainer_options`` are :func:`anomalykit.training.fit`'s; ``batch_size``,
-        ``num_workers``, ``device`` and ``progress`` also apply to the feature pass. The
-        history's ``seconds`` include the feature pass, also reported as ``feature_seconds``.
         An augmenting dataset would be sampled once: FastFlow trains without augmentation.
         """
-        from anomalykit.training import fit, resolve_device
-
-        if getattr(train_data, "augment", False):
+        if augments(train_data):
             warnings.warn("FastFlow caches backbone features once, so train.augment only draws one "
                           "augmentation per image; set augment: false", UserWarning, stacklevel=2)
-
-        started = time.perf_counter()
-        self.to(resolve_device(trainer_options.get("device", "auto")))
-        options = {"batch_size": trainer_options.get("batch_size", 16),
-                   "num_workers": trainer_options.get("num_workers", 0),
-                   "progress": trainer_options.get("progress", True)}
-        train_cache = self.cache_features(train_data, **options)
-        val_cache = None if val_data is None else self.cache_features(val_data, **options)
-        feature_seconds = time.perf_counter() - started
-        history = fit(self, train_cache, val_cache, **trainer_options)
-        history["feature_seconds"] = feature_seconds
-        history["seconds"] = float(history["seconds"]) + feature_seconds
-        return history
+        options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+        train = self.cache_features(train_data, **options)
+        return train, None if val_data is None else self.cache_features(val_data, **options)
 
     # -- flows ----------------------------------------------------------------------------
     def flow_outputs(self, features: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -216,4 +173,4 @@ class FastFlowDetector(Detector):
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) in [0, 1] -> score (B,) = max of anomaly_map (B, 1, S, S) in [0, 1]."""
         amap = self.anomaly_map(self.extract_features(images), images.shape[-2:])
-        return AnomalyOutput(amap.flatten(1).amax(1), amap)
+        return AnomalyOutput(reduce_map(amap, "max"), amap)

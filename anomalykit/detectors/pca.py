@@ -16,18 +16,14 @@ score = max (or mean) of the map.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector, check_choice
 from anomalykit.errors import ConfigError
 from anomalykit.generative.pca import PCA, Method
-from anomalykit.nn.functional import gaussian_blur
+from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map
 from anomalykit.registry import register_detector
-
-ScoreReduction = Literal["max", "mean"]
 
 
 @register_detector("pca")
@@ -47,9 +43,9 @@ class PCADetector(Detector):
 
     def __init__(self, image_size: int = 64, *, work_size: int | None = 32,
                  n_components: int | float | None = 0.95, method: Method = "auto",
-                 map_sigma: float = 2.0, score_reduction: ScoreReduction = "max") -> None:
+                 map_sigma: float = 2.0, score_reduction: MapReduction = "max") -> None:
         super().__init__()
-        check_choice("score_reduction", score_reduction, ("max", "mean"))
+        check_choice("score_reduction", score_reduction, MAP_REDUCTIONS)
         if work_size is not None and work_size < 1:
             raise ConfigError(f"work_size must be >= 1 or None, got {work_size}")
         self.image_size = image_size
@@ -71,18 +67,13 @@ class PCADetector(Detector):
         """(B, 3, w, w) prepared images -> (B, 1, w, w) squared reconstruction error."""
         return (x - self.pca.reconstruct(x)).pow(2).mean(dim=1, keepdim=True)
 
-    def fit(self, train_data, val_data=None, **trainer_options) -> dict:
-        """Fit the PCA on the good images in closed form (options as :func:`anomalykit.training.fit`).
+    def solve(self, images: Tensor, *, seed: int) -> None:
+        """Closed-form fit of the PCA on every good training image at once (the loop's hook)."""
+        self.pca.fit_tensor(self.prepare(images))
 
-        The history's loss is the mean squared reconstruction error per pixel at ``work_size``.
-        """
-        from anomalykit.training.trainer import fit_closed_form
-
-        return fit_closed_form(
-            self, train_data, val_data,
-            solve=lambda images, seed: self.pca.fit_tensor(self.prepare(images)),
-            loss=lambda images: self.error_map(self.prepare(images)).flatten(1).mean(1),
-            **trainer_options)
+    def per_sample_loss(self, images: Tensor) -> Tensor:
+        """(N,) the history's loss: mean squared reconstruction error per pixel at ``work_size``."""
+        return reduce_map(self.error_map(self.prepare(images)), "mean")
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) in [0, 1] -> score (B,), anomaly_map (B, 1, S, S)."""
@@ -91,6 +82,4 @@ class PCADetector(Detector):
             amap = F.interpolate(amap, size=(self.image_size, self.image_size), mode="bilinear",
                                  align_corners=False)
         amap = gaussian_blur(amap, self.map_sigma)
-        flat = amap.flatten(1)
-        score = flat.amax(1) if self.score_reduction == "max" else flat.mean(1)
-        return AnomalyOutput(score, amap)
+        return AnomalyOutput(reduce_map(amap, self.score_reduction), amap)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector, check_choice
 from anomalykit.errors import ConfigError
-from anomalykit.nn.functional import mean_filter, msgms_loss, msgms_map, ssim_loss
+from anomalykit.nn.functional import mean_filter, msgms_loss, msgms_map, reduce_map, ssim_loss
 from anomalykit.nn.unet import NORMS, UPSAMPLES, UNet
 from anomalykit.registry import register_detector
 
@@ -205,4 +205,4 @@ class RIADDetector(Detector):
         target = images.unsqueeze(0).expand_as(recon)
         per_k = msgms_map(target.flatten(0, 1), recon.flatten(0, 1), scales=self.msgms_scales)
         amap = mean_filter(per_k.unflatten(0, (k, -1)).sum(0), self.map_filter_size)
-        return AnomalyOutput(amap.flatten(1).amax(1), amap)
+        return AnomalyOutput(reduce_map(amap, "max"), amap)

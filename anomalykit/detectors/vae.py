@@ -11,8 +11,6 @@ the posterior-mean error used here is the deterministic simplification.)
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
@@ -25,10 +23,8 @@ from anomalykit.generative.ae import (
     reconstruction_error_map,
 )
 from anomalykit.generative.vae import VAE, Likelihood
-from anomalykit.nn.functional import gaussian_blur
+from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map
 from anomalykit.registry import register_detector
-
-ScoreReduction = Literal["max", "mean"]
 
 
 @register_detector("vae")
@@ -50,11 +46,11 @@ class VAEDetector(Detector):
                  strides: list[int] | tuple[int, ...] = BERGMANN_STRIDES,
                  batch_norm: bool = False, beta: float = 1.0, likelihood: Likelihood = "gaussian",
                  sigma: float = 0.1, map_error: ReconstructionLoss = "l2", map_sigma: float = 2.0,
-                 score_reduction: ScoreReduction = "max", ssim_window: int = 11,
+                 score_reduction: MapReduction = "max", ssim_window: int = 11,
                  lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__()
         check_choice("map_error", map_error, LOSSES)
-        check_choice("score_reduction", score_reduction, ("max", "mean"))
+        check_choice("score_reduction", score_reduction, MAP_REDUCTIONS)
         self.image_size, self.map_error, self.ssim_window = image_size, map_error, ssim_window
         self.map_sigma, self.score_reduction = map_sigma, score_reduction
         self.set_normalization("none")  # sigmoid decoder: the model works in [0, 1]
@@ -81,6 +77,4 @@ class VAEDetector(Detector):
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) in [0, 1] -> score (B,), anomaly_map (B, 1, S, S)."""
         amap = gaussian_blur(self.error_map(self.normalize_input(images)), self.map_sigma)
-        flat = amap.flatten(1)
-        score = flat.amax(1) if self.score_reduction == "max" else flat.mean(1)
-        return AnomalyOutput(score, amap)
+        return AnomalyOutput(reduce_map(amap, self.score_reduction), amap)

@@ -8,8 +8,8 @@ transposed convolutions and ends in a sigmoid, so images live in [0, 1].
 
 Usable on its own: ``fit`` (the toolkit loop), ``encode``/``decode``,
 ``reconstruct``, ``score`` (per-image reconstruction error) and ``sample``
-(decode draws from a diagonal Gaussian fitted to the training codes after
-``fit``; an autoencoder has no prior of its own).
+(decode draws from a diagonal Gaussian fitted to the training codes at the end of
+``fit``, in the ``on_fit_end`` hook; an autoencoder has no prior of its own).
 
 Two variants train the same network on corrupted inputs:
 
@@ -19,8 +19,9 @@ Two variants train the same network on corrupted inputs:
   fraction ``mask_ratio`` of the ``patch_size`` x ``patch_size`` patches is replaced by zeros
   (or a learned per-channel fill) and the loss counts the masked patches only.
 
-The encoder and decoder are built from :func:`conv_stack` / :func:`deconv_stack`, which the
-VAE and VQ-VAE reuse.
+The encoder and decoder are :mod:`anomalykit.nn.conv`'s :class:`ConvEncoder` /
+:class:`ConvDecoder` (built from its ``conv_stack`` / ``deconv_stack``), which the VAE and
+VQ-VAE reuse.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 
 from anomalykit.base import GenerativeModel, check_choice
 from anomalykit.errors import ConfigError
-from anomalykit.nn.functional import ssim_map
+from anomalykit.nn.conv import ConvDecoder, ConvEncoder, check_layout
+from anomalykit.nn.functional import reduce_map, ssim_map
 from anomalykit.registry import register_generative
 
 ReconstructionLoss = Literal["l2", "l1", "ssim"]
@@ -63,59 +65,6 @@ def reconstruction_loss(x: Tensor, recon: Tensor, loss: ReconstructionLoss,
     return 1.0 - ssim_map(x, recon, window_size=ssim_window).mean()
 
 
-def _act() -> nn.Module:
-    return nn.LeakyReLU(0.2, inplace=True)
-
-
-def conv_stack(in_channels: int, widths, strides, batch_norm: bool) -> nn.Sequential:
-    """(B, in_channels, S, S) -> (B, widths[-1], S / 2**n2, S / 2**n2), n2 = stride-2 layers.
-
-    Stride 2 -> 4x4 conv, stride 1 -> 3x3 conv, each followed by [BatchNorm] and LeakyReLU 0.2.
-    The feature extractor of :class:`ConvEncoder` and of the VAE / VQ-VAE encoders.
-    """
-    layers: list[nn.Module] = []
-    c_in = in_channels
-    for width, stride in zip(widths, strides, strict=True):
-        kernel = 4 if stride == 2 else 3
-        layers.append(nn.Conv2d(c_in, width, kernel, stride, padding=1, bias=not batch_norm))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(width))
-        layers.append(_act())
-        c_in = width
-    return nn.Sequential(*layers)
-
-
-def deconv_stack(out_channels: int, widths, strides, batch_norm: bool) -> nn.Sequential:
-    """The mirror of :func:`conv_stack`: (B, widths[-1], s, s) -> (B, out_channels, S, S) logits.
-
-    The last layer has no activation (decoders add their own sigmoid).
-    """
-    layers: list[nn.Module] = []
-    outs = [out_channels, *widths[:-1]]
-    for i in reversed(range(len(widths))):
-        c_in, c_out, last = widths[i], outs[i], i == 0
-        if strides[i] == 2:
-            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, padding=1, bias=last or not batch_norm))
-        else:
-            layers.append(nn.Conv2d(c_in, c_out, 3, 1, padding=1, bias=last or not batch_norm))
-        if not last:
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(_act())
-    return nn.Sequential(*layers)
-
-
-def check_layout(image_size: int, widths, strides) -> None:
-    """ConfigError unless widths/strides match and image_size is a multiple of 2**(stride-2 layers)."""
-    if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
-        raise ConfigError(f"widths {list(widths)} and strides {list(strides)} must have the same "
-                          "length and strides must be 1 or 2")
-    factor = 2 ** sum(s == 2 for s in strides)
-    if image_size % factor or image_size < factor:
-        raise ConfigError(f"image_size {image_size} must be a multiple of {factor} "
-                          f"(2 ** number of stride-2 layers)")
-
-
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Standard normal noise shaped like ``x``; a CPU ``generator`` works for any device."""
     if generator is None:
@@ -125,35 +74,6 @@ def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 def _rand(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
-
-
-class ConvEncoder(nn.Module):
-    """(B, C, S, S) -> (B, latent_dim). S must be divisible by 2**(number of stride-2 layers)."""
-
-    def __init__(self, image_size: int, in_channels: int, widths, strides, latent_dim: int,
-                 batch_norm: bool) -> None:
-        super().__init__()
-        self.features = conv_stack(in_channels, widths, strides, batch_norm)
-        self.bottom = image_size // 2 ** sum(s == 2 for s in strides)
-        # The "dense" bottleneck: a kernel covering the whole map is a fully connected layer
-        # that stays a convolution (cheap to export, no reshape of dynamic batch sizes).
-        self.to_latent = nn.Conv2d(widths[-1], latent_dim, self.bottom)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.to_latent(self.features(x)).flatten(1)
-
-
-class ConvDecoder(nn.Module):
-    """(B, latent_dim) -> (B, C, S, S) in [0, 1]: the mirror of :class:`ConvEncoder`."""
-
-    def __init__(self, bottom: int, out_channels: int, widths, strides, latent_dim: int,
-                 batch_norm: bool) -> None:
-        super().__init__()
-        self.from_latent = nn.Sequential(nn.ConvTranspose2d(latent_dim, widths[-1], bottom), _act())
-        self.features = deconv_stack(out_channels, widths, strides, batch_norm)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.features(self.from_latent(z[:, :, None, None])))
 
 
 @register_generative("ae")
@@ -203,7 +123,7 @@ class AutoEncoder(GenerativeModel):
     def score(self, x: Tensor) -> Tensor:
         """(B,) mean reconstruction error under the training loss; higher = less like the data."""
         err = reconstruction_error_map(x, self.reconstruct(x), self.loss, ssim_window=self.ssim_window)
-        return err.flatten(1).mean(1)
+        return reduce_map(err, "mean")
 
     def training_step(self, batch) -> dict[str, Tensor]:
         x = batch["image"]
@@ -213,21 +133,18 @@ class AutoEncoder(GenerativeModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-    def fit(self, train_data, val_data=None, **trainer_options):
-        history = super().fit(train_data, val_data, **trainer_options)
+    def on_fit_end(self, train_data) -> None:
+        """Loop hook: fit the latent prior that :meth:`sample` draws from on the training data."""
         self.fit_latent_prior(train_data)
-        return history
 
     @torch.no_grad()
     def fit_latent_prior(self, data, batch_size: int = 64) -> None:
         """Fit the diagonal Gaussian that :meth:`sample` draws codes from."""
-        from anomalykit.training.inference import as_loader
+        from anomalykit.training.inference import as_loader, evaluating
 
-        was_training = self.training
-        self.eval()
-        codes = torch.cat([self.encode(b["image"].to(self.device))
-                           for b in as_loader(data, batch_size=batch_size)])
-        self.train(was_training)
+        with evaluating(self):
+            codes = torch.cat([self.encode(b["image"].to(self.device))
+                               for b in as_loader(data, batch_size=batch_size)])
         self.latent_mean_.copy_(codes.mean(0))
         self.latent_std_.copy_(codes.std(0, unbiased=False).clamp_min(1e-6))
 

@@ -88,18 +88,15 @@ class GaussianMixtureModel(GenerativeModel):
         self.register_buffer("n_samples_seen_", torch.tensor(0))
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, train_data, val_data=None, **trainer_options) -> dict:
-        """EM on a Dataset / DataLoader / tensor with the toolkit's options; returns the history.
+    # ``fit`` (the toolkit's, on a Dataset / DataLoader / tensor (N, D) of items
+    # ``{"image": x}``, x a vector or anything, flattened) collects the data and calls these.
+    def solve(self, images: Tensor, *, seed: int) -> None:
+        """EM on every training sample at once (the loop's hook); ``seed`` seeds the initialisation."""
+        self.fit_tensor(images, seed=seed)
 
-        Items are ``{"image": x}`` with x a vector (or anything, flattened); a tensor (N, D)
-        works directly. ``seed`` seeds the initialisation. The history's loss is the mean
-        negative log-likelihood per sample (nats).
-        """
-        from anomalykit.training.trainer import fit_closed_form
-
-        return fit_closed_form(self, train_data, val_data,
-                               solve=lambda x, seed: self.fit_tensor(x, seed=seed),
-                               loss=lambda x: -self.log_prob(x), **trainer_options)
+    def per_sample_loss(self, images: Tensor) -> Tensor:
+        """(N,) the history's loss: negative log-likelihood per sample (nats)."""
+        return -self.log_prob(images)
 
     @torch.no_grad()
     def fit_tensor(self, x: Tensor, *, seed: int = 0) -> GaussianMixtureModel:

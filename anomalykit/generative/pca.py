@@ -163,17 +163,15 @@ class PCA(GenerativeModel):
         self.register_buffer("n_samples_seen_", torch.tensor(0))
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, train_data, val_data=None, **trainer_options) -> dict:
-        """Fit on a Dataset / DataLoader / tensor with the toolkit's options; returns the history.
+    # ``fit`` (the toolkit's, on a Dataset / DataLoader / tensor (N, D) or (N, C, H, W) of
+    # items ``{"image": ...}``) collects every training image and calls these two.
+    def solve(self, images: Tensor, *, seed: int) -> None:
+        """Closed-form fit on every training image at once (the loop's hook; ``seed`` unused)."""
+        self.fit_tensor(images)
 
-        ``train_data`` as for :func:`anomalykit.training.fit` (items ``{"image": ...}``; a
-        tensor (N, D) or (N, C, H, W) works directly). The history's loss is the mean squared
-        reconstruction error per pixel. See :func:`anomalykit.training.trainer.fit_closed_form`.
-        """
-        from anomalykit.training.trainer import fit_closed_form
-
-        return fit_closed_form(self, train_data, val_data, solve=lambda x, seed: self.fit_tensor(x),
-                               loss=self.score, **trainer_options)
+    def per_sample_loss(self, images: Tensor) -> Tensor:
+        """(N,) the history's loss: mean squared reconstruction error per pixel (:meth:`score`)."""
+        return self.score(images)
 
     @torch.no_grad()
     def fit_tensor(self, x: Tensor) -> PCA:

@@ -1,8 +1,9 @@
 """Variational autoencoder (Kingma & Welling 2014) on images in [0, 1].
 
 Encoder q(z|x) = N(mu(x), diag(exp(logvar(x)))): the autoencoder's :class:`ConvEncoder`
-with 2 * latent_dim outputs, split into mu and logvar. Decoder p(x|z): the autoencoder's
-:class:`ConvDecoder` (sigmoid output = the mean of p(x|z)), with prior p(z) = N(0, I).
+(:mod:`anomalykit.nn.conv`) with 2 * latent_dim outputs, split into mu and logvar. Decoder
+p(x|z): the autoencoder's :class:`ConvDecoder` (sigmoid output = the mean of p(x|z)), with
+prior p(z) = N(0, I).
 
 Training maximises the (beta-weighted, Higgins et al. 2017) evidence lower bound, per image
 in nats (Kingma & Welling eq. 10, with the closed-form Gaussian KL of their appendix B):
@@ -31,14 +32,8 @@ from torch import Tensor
 
 from anomalykit.base import GenerativeModel, check_choice
 from anomalykit.errors import ConfigError
-from anomalykit.generative.ae import (
-    BERGMANN_STRIDES,
-    BERGMANN_WIDTHS,
-    ConvDecoder,
-    ConvEncoder,
-    check_layout,
-    randn_like,
-)
+from anomalykit.generative.ae import BERGMANN_STRIDES, BERGMANN_WIDTHS, randn_like
+from anomalykit.nn.conv import ConvDecoder, ConvEncoder, check_layout
 from anomalykit.registry import register_generative
 
 Likelihood = Literal["gaussian", "bernoulli"]

@@ -1,6 +1,6 @@
 """VQ-VAE (van den Oord et al. 2017): a discrete spatial latent from a learned codebook.
 
-Encoder: the autoencoder's :func:`conv_stack` then a 1x1 conv to ``code_dim`` channels,
+Encoder: :func:`anomalykit.nn.conv.conv_stack` (the autoencoder's) then a 1x1 conv to ``code_dim`` channels,
 giving z_e (B, D, h, w) with h = S / 2**(number of stride-2 layers). The
 :class:`VectorQuantizer` replaces every z_e vector by its nearest of K codebook rows, and
 the decoder (a 3x3 conv, then :func:`deconv_stack`, then a sigmoid) maps z_q back to the image.
@@ -15,7 +15,8 @@ outputs of the first batch (``data_init``) and, optionally, by random restarts o
 fall out of use (``dead_code_threshold``).
 
 Sampling: ``sample`` decodes code grids drawn independently per position, uniformly or from
-the empirical code histogram of the training set (``fit_code_prior``, called by ``fit``).
+the empirical code histogram of the training set (``fit_code_prior``, called at the end of
+``fit`` by the ``on_fit_end`` hook).
 That ignores all spatial structure, so samples are texture soup; the proper prior is an
 autoregressive model over the code grid (a PixelCNN, as in the paper), which is not done here.
 """
@@ -34,12 +35,11 @@ from anomalykit.errors import ConfigError
 from anomalykit.generative.ae import (
     LOSSES,
     ReconstructionLoss,
-    check_layout,
-    conv_stack,
-    deconv_stack,
     reconstruction_error_map,
     reconstruction_loss,
 )
+from anomalykit.nn.conv import check_layout, conv_stack, deconv_stack
+from anomalykit.nn.functional import reduce_map
 from anomalykit.registry import register_generative
 
 CodePrior = Literal["uniform", "empirical"]
@@ -181,7 +181,7 @@ class VQVAE(GenerativeModel):
         image_size: S, a multiple of 2**(number of stride-2 layers).
         in_channels: C.
         widths / strides / batch_norm: encoder layers (mirrored by the decoder), see
-            :func:`~anomalykit.generative.ae.conv_stack`.
+            :func:`~anomalykit.nn.conv.conv_stack`.
         num_codes: K, codebook size.
         code_dim: D, code vector size.
         beta: commitment weight.
@@ -232,7 +232,7 @@ class VQVAE(GenerativeModel):
 
     def score(self, x: Tensor) -> Tensor:
         """(B,) mean reconstruction error under the training loss."""
-        return reconstruction_error_map(x, self.reconstruct(x), self.loss).flatten(1).mean(1)
+        return reduce_map(reconstruction_error_map(x, self.reconstruct(x), self.loss), "mean")
 
     def training_step(self, batch) -> dict[str, Tensor]:
         x = batch["image"]
@@ -244,23 +244,20 @@ class VQVAE(GenerativeModel):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-    def fit(self, train_data, val_data=None, **trainer_options):
-        history = super().fit(train_data, val_data, **trainer_options)
+    def on_fit_end(self, train_data) -> None:
+        """Loop hook: count the training set's code use for ``sample(prior="empirical")``."""
         self.fit_code_prior(train_data)
-        return history
 
     @torch.no_grad()
     def fit_code_prior(self, data, batch_size: int = 64) -> None:
         """Count code use on ``data`` (plus one per code) for ``sample(prior="empirical")``."""
-        from anomalykit.training.inference import as_loader
+        from anomalykit.training.inference import as_loader, evaluating
 
-        was_training = self.training
-        self.eval()
         counts = torch.ones_like(self.code_counts_)
-        for batch in as_loader(data, batch_size=batch_size):
-            indices = self.encode(batch["image"].to(self.device))
-            counts += torch.bincount(indices.flatten(), minlength=counts.numel()).to(counts)
-        self.train(was_training)
+        with evaluating(self):
+            for batch in as_loader(data, batch_size=batch_size):
+                indices = self.encode(batch["image"].to(self.device))
+                counts += torch.bincount(indices.flatten(), minlength=counts.numel()).to(counts)
         self.code_counts_.copy_(counts)
 
     def code_perplexity(self) -> float:

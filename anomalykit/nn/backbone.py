@@ -24,14 +24,16 @@ misalignment per stage, bad for anomaly maps. (BatchNorm eps matters far less.) 
 backbone is ``tf_efficientnet_lite0``; ``efficientnet_lite0`` still loads the file, with a warning.
 
 Input normalisation. The TF-Lite checkpoints were trained on ``(pixel - 127) / 128``, i.e. the
-"symmetric" ``[-1, 1]`` range of :data:`anomalykit.base.NORMALIZATIONS`, not ImageNet mean/std
-(timm's ``tf_efficientnet_lite0`` pretrained config says the same). Checked on
+"symmetric" ``[-1, 1]`` range of :data:`anomalykit.nn.normalization.NORMALIZATIONS`, not
+ImageNet mean/std (timm's ``tf_efficientnet_lite0`` pretrained config says the same). Checked on
 ``skimage.data.chelsea()`` over 24 crops/flips: the cat-class probability mass is 0.91 with
 symmetric input vs 0.87 with ImageNet mean/std, and ``skimage.data.coffee()`` is "espresso"
 at 0.94 vs 0.83. Each :class:`Backbone` therefore carries the statistics its weights expect:
 ``backbone.input_mean`` / ``input_std`` and ``backbone.normalization`` (the matching key of
-``NORMALIZATIONS``), and a detector normalises with those, e.g.
-``self.set_normalization(self.backbone.normalization)``, before calling the backbone.
+``NORMALIZATIONS``), and a detector normalises with those before calling the backbone. The one
+policy for backbone detectors is :func:`register_input_normalization`: persistent buffers, so a
+checkpoint rebuilt with random backbone weights (whose default statistics may differ) still
+normalises as it was trained.
 
 ONNX. A Backbone exports with ``torch.onnx.export(dynamo=True)`` at a fixed input size (the
 detector's ``image_size``, which is what the export wrapper feeds). Exporting the TF-padded
@@ -52,8 +54,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from anomalykit.base import NORMALIZATIONS
 from anomalykit.errors import ConfigError
+from anomalykit.nn.normalization import NORMALIZATIONS, normalization_name, register_input_stats
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS_ENV = "ANOMALYKIT_BACKBONE_WEIGHTS"
@@ -245,13 +247,6 @@ def _cached(key: tuple, load: Callable[[], BackboneWeights]) -> BackboneWeights:
     return _CACHE[key]
 
 
-def _normalization_name(mean: Sequence[float], std: Sequence[float]) -> str | None:
-    for key, (m, s) in NORMALIZATIONS.items():
-        if all(abs(a - b) < 1e-6 for a, b in zip((*mean, *std), (*m, *s), strict=True)):
-            return key
-    return None
-
-
 def _load_into(model: nn.Module, weights: BackboneWeights, name: str, role: str) -> None:
     own = model.state_dict()
     state = weights.state_dict or {}
@@ -359,7 +354,7 @@ class Backbone(nn.Module):
     Attributes: ``name``, ``out_indices``, ``channels``, ``strides`` (lists, one per output),
     ``source`` (where the weights came from), ``input_mean`` / ``input_std`` (the statistics the
     weights were trained with, images in [0, 1]) and ``normalization`` (their key in
-    :data:`anomalykit.base.NORMALIZATIONS`, None if they match none).
+    :data:`~anomalykit.nn.normalization.NORMALIZATIONS`, None if they match none).
     """
 
     def __init__(self, name: str = DEFAULT_BACKBONE, out_indices: Sequence[int] = (1, 2, 3), *,
@@ -379,7 +374,7 @@ class Backbone(nn.Module):
         self.strides: list[int] = [int(s) for s in self.model.feature_info.reduction()]
         self.input_mean: Triple = resolved.mean
         self.input_std: Triple = resolved.std
-        self.normalization: str | None = _normalization_name(resolved.mean, resolved.std)
+        self.normalization: str | None = normalization_name(resolved.mean, resolved.std)
         self.requires_grad_(False)
         self.train(False)
 
@@ -393,6 +388,18 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, out_indices={self.out_indices}, source={self.source!r}"
+
+
+def register_input_normalization(module: nn.Module, backbone: Backbone) -> None:
+    """Give ``module`` (a detector) persistent ``input_mean`` / ``input_std`` buffers (1, 3, 1, 1)
+    holding the statistics ``backbone``'s weights were trained with.
+
+    The policy of every backbone detector (FastFlow, DifferNet, ...): the statistics are saved
+    with the model, so a checkpoint rebuilt with ``weights="random"`` (whose default statistics
+    come from timm's config and may differ) still normalises as it was trained.
+    :meth:`anomalykit.base.Detector.normalize_input` then applies them.
+    """
+    register_input_stats(module, backbone.input_mean, backbone.input_std, persistent=True)
 
 
 def load_imagenet_classifier(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike | None = None,

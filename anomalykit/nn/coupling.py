@@ -2,9 +2,11 @@
 
 Every layer is a :class:`Flow`: ``forward(x, cond=None) -> (z, log_det_jacobian)``
 with ``log_det_jacobian`` of shape (B,) equal to ``log |det dz/dx|`` per sample,
-and ``inverse(z, cond=None) -> x``. Layers work on feature vectors (B, C) and on
-feature maps (B, C, H, W) unless stated otherwise; the change-of-variables
-formula (Dinh et al. 2017, eq. 3) then gives ``log p(x) = log p(z) + log_det_jacobian``.
+``inverse(z, cond=None) -> x``, and ``vjp(x, grad_z, cond=None) -> (dz/dx)^T grad_z``, the
+vector-Jacobian product written with plain tensor ops (no autograd) so that a gradient
+through a flow can be part of an exported ``forward`` (DifferNet's map). Layers work on
+feature vectors (B, C) and on feature maps (B, C, H, W) unless stated otherwise; the
+change-of-variables formula (Dinh et al. 2017, eq. 3) then gives ``log p(x) = log p(z) + log_det_jacobian``.
 
 Layers:
 
@@ -31,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anomalykit.base import check_choice
-from anomalykit.errors import ConfigError, DataError
+from anomalykit.errors import ConfigError, DataError, check_choice
 
 SubnetFactory = Callable[[int, int], nn.Module]
 
@@ -78,6 +79,42 @@ class Flow(nn.Module):
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """(dz/dx)^T grad_z at the input x, without autograd (exports to ONNX).
+
+        x: the layer's input; grad_z: a gradient with respect to its output z (z's shape).
+        ``cond`` is held fixed (no gradient flows into it).
+        """
+        raise ConfigError(f"{type(self).__name__} has no explicit vector-Jacobian product")
+
+
+def _subnet_vjp(subnet: nn.Module, h: Tensor, grad_out: Tensor) -> Tensor:
+    """(d subnet(h) / d h)^T grad_out for the subnets of :func:`subnet_fc` and :func:`subnet_conv`.
+
+    Layers: Linear, ReLU, Dropout (the identity in eval mode; in training mode forward is
+    random anyway), Identity, and stride-1 "same" Conv2d.
+    """
+    layers = list(subnet) if isinstance(subnet, nn.Sequential) else [subnet]
+    inputs = []
+    for layer in layers:
+        inputs.append(h)
+        h = layer(h)
+    g = grad_out
+    for layer, inp in zip(reversed(layers), reversed(inputs), strict=True):
+        if isinstance(layer, nn.Linear):
+            g = g @ layer.weight
+        elif isinstance(layer, nn.ReLU):
+            g = g * (inp > 0).to(g.dtype)
+        elif isinstance(layer, nn.Conv2d) and layer.stride == (1, 1) and layer.dilation == (1, 1) \
+                and layer.groups == 1 and layer.padding_mode == "zeros" \
+                and not isinstance(layer.padding, str) \
+                and all(2 * p + 1 == k for p, k in zip(layer.padding, layer.kernel_size, strict=True)):
+            # The adjoint of a stride-1 "same" convolution is the transposed convolution.
+            g = F.conv_transpose2d(g, layer.weight, padding=layer.padding)
+        elif not isinstance(layer, (nn.Dropout, nn.Identity)):
+            raise ConfigError(f"no vector-Jacobian product for subnet layer {layer}")
+    return g
 
 
 # -- subnet factories ---------------------------------------------------------------------
@@ -177,16 +214,18 @@ class AffineCoupling(Flow):
         self.split = channels // 2
         self.subnet = subnet_factory(self.split + cond_channels, 2 * (channels - self.split))
 
-    def _scale_shift(self, x1: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _subnet_input(self, x1: Tensor, cond: Tensor | None) -> Tensor:
         if (cond is None) != (self.cond_channels == 0):
             raise ConfigError(f"AffineCoupling built with cond_channels={self.cond_channels} got "
                               f"cond={'None' if cond is None else tuple(cond.shape)}")
-        h = x1
-        if cond is not None:
-            if cond.dim() == 2 and x1.dim() == 4:  # one vector per sample, shared by every position
-                cond = cond[:, :, None, None].expand(-1, -1, *x1.shape[2:])
-            h = torch.cat([x1, cond], dim=1)
-        s_raw, t = self.subnet(h).chunk(2, dim=1)
+        if cond is None:
+            return x1
+        if cond.dim() == 2 and x1.dim() == 4:  # one vector per sample, shared by every position
+            cond = cond[:, :, None, None].expand(-1, -1, *x1.shape[2:])
+        return torch.cat([x1, cond], dim=1)
+
+    def _scale_shift(self, x1: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        s_raw, t = self.subnet(self._subnet_input(x1, cond)).chunk(2, dim=1)
         return self.clamp * torch.tanh(s_raw / self.clamp), t
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -198,6 +237,24 @@ class AffineCoupling(Flow):
         z1, z2 = z[:, :self.split], z[:, self.split:]
         s, t = self._scale_shift(z1, cond)
         return torch.cat([z1, (z2 - t) * torch.exp(-s)], dim=1)
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """(dz/dx)^T grad_z. With s = c tanh(s_raw / c) and (s_raw, t) = subnet(h), h = [x1, cond]:
+
+        dL/dx2 = g2 exp(s); dL/ds_raw = g2 x2 exp(s) (1 - tanh^2(s_raw / c)); dL/dt = g2;
+        dL/dx1 = g1 + (subnet^T [dL/ds_raw, dL/dt]) restricted to x1's channels.
+        """
+        x1, x2 = x[:, :self.split], x[:, self.split:]
+        g1, g2 = grad_z[:, :self.split], grad_z[:, self.split:]
+        h = self._subnet_input(x1, cond)
+        s_raw, _ = self.subnet(h).chunk(2, dim=1)
+        tanh = torch.tanh(s_raw / self.clamp)
+        scale = torch.exp(self.clamp * tanh)
+        grad_s_raw = g2 * x2 * scale * (1.0 - tanh * tanh)
+        grad_h = _subnet_vjp(self.subnet, h, torch.cat([grad_s_raw, g2], dim=1))
+        if cond is not None:
+            grad_h = grad_h[:, :self.split]
+        return torch.cat([g1 + grad_h, g2 * scale], dim=1)
 
 
 class ActNorm(Flow):
@@ -238,6 +295,9 @@ class ActNorm(Flow):
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         return (z - _per_channel(self.bias, z)) * _per_channel(torch.exp(-self.log_scale), z)
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return grad_z * _per_channel(torch.exp(self.log_scale), grad_z)
 
 
 class InvertibleConv1x1(Flow):
@@ -290,6 +350,10 @@ class InvertibleConv1x1(Flow):
         w, _ = self.weight_and_log_det()
         return self._mix(torch.linalg.inv(w), z)
 
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        w, _ = self.weight_and_log_det()
+        return self._mix(w.T, grad_z)  # z = W x per position, so dL/dx = W^T dL/dz
+
 
 PERMUTATIONS = ("random", "reverse")
 
@@ -320,6 +384,9 @@ class Permutation(Flow):
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         return z[:, self.inv_perm]
 
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return grad_z[:, self.inv_perm]
+
 
 class Squeeze(Flow):
     """Space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2) (RealNVP sec. 3.6, Glow's squeeze).
@@ -335,6 +402,9 @@ class Squeeze(Flow):
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
         return F.pixel_shuffle(z, 2)
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return F.pixel_shuffle(grad_z, 2)  # a permutation P of entries: P^T = P^-1
 
 
 class FlowSequential(nn.Sequential, Flow):
@@ -354,3 +424,14 @@ class FlowSequential(nn.Sequential, Flow):
         for layer in reversed(self):
             z = layer.inverse(z, cond)
         return z
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Chain rule: one forward pass records each layer's input, then the layers' VJPs in reverse."""
+        inputs = []
+        for layer in self:
+            inputs.append(x)
+            x, _ = layer(x, cond)
+        g = grad_z
+        for layer, inp in zip(reversed(self), reversed(inputs), strict=True):
+            g = layer.vjp(inp, g, cond)
+        return g

@@ -7,10 +7,27 @@ detectors can use it inside ``forward``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from anomalykit.errors import check_choice
+
+MapReduction = Literal["max", "mean"]
+MAP_REDUCTIONS = ("max", "mean")
+
+
+def reduce_map(amap: Tensor, how: MapReduction = "max") -> Tensor:
+    """(B, ...) per-pixel map -> (B,) its max or mean over everything but the batch.
+
+    The image score of map-based detectors (``score_reduction``) and the per-image mean of
+    error maps. ``how`` outside :data:`MAP_REDUCTIONS` is a ConfigError listing them.
+    """
+    check_choice("score reduction", how, MAP_REDUCTIONS)
+    flat = amap.flatten(1)
+    return flat.amax(1) if how == "max" else flat.mean(1)
 
 
 def gaussian_kernel1d(sigma: float, *, radius: int | None = None, dtype=torch.float32) -> Tensor:

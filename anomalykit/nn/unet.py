@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anomalykit.base import check_choice
-from anomalykit.errors import ConfigError
+from anomalykit.errors import ConfigError, check_choice
 
 UPSAMPLES = ("transpose", "bilinear")
 NORMS = ("batch", "none")

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from anomalykit.training.progress import track
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode, then restore its train/eval mode (even on error).
+
+    Only the mode: gradients are the caller's business (``torch.no_grad()``).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def as_loader(data, *, batch_size: int, shuffle: bool = False, generator=None,
@@ -45,10 +62,8 @@ def predict(model, data, *, batch_size: int = 16, device=None, progress: bool = 
     """
     loader = as_loader(data, batch_size=batch_size)
     device = model.device if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
     scores, maps, labels, masks, paths, defect_types = [], [], [], [], [], []
-    try:
+    with evaluating(model):
         for batch in track(loader, desc, enabled=progress):
             out = model(batch["image"].to(device))
             scores.append(out.score.float().cpu().numpy())
@@ -59,8 +74,6 @@ def predict(model, data, *, batch_size: int = 16, device=None, progress: bool = 
                 masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
             paths.extend(batch.get("path", []))
             defect_types.extend(batch.get("defect_type", []))
-    finally:
-        model.train(was_training)
     result: dict[str, Any] = {
         "scores": np.concatenate(scores) if scores else np.zeros(0, np.float32),
         "maps": np.concatenate(maps) if maps else np.zeros((0, 1, 1), np.float32),

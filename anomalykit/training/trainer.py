@@ -1,45 +1,86 @@
 """The toolkit's one training loop.
 
-Seeding, device choice, progress bars, atomic checkpoints with resume, early
-stopping on the validation loss, and a clear error when a loss stops being
-finite. Models supply ``training_step`` and ``configure_optimizers`` (see
-:class:`anomalykit.base.Estimator`).
-
-Closed-form models (PCA, GMM) set the class attribute ``closed_form = True`` and
-override ``fit``; :func:`fit` hands them over to it, and they do the shared
-bookkeeping (seed, device, collecting the data, history) with
-:func:`fit_closed_form`, so ``fit(model, ...)`` and ``model.fit(...)`` accept the
-same options and return the same history for every model.
+Seeding, device choice, progress bars, atomic checkpoints with exact resume, early
+stopping on the validation loss, learning-rate schedulers, optional mixed precision,
+and a clear error when a loss stops being finite. Models supply ``training_step`` and
+``configure_optimizers`` plus the hooks they need (see :class:`anomalykit.base.Estimator`:
+``setup_fit``, ``on_train_epoch_start``, ``on_after_optimizer_step``, ``on_fit_end``);
+GANs take the manual path (``manual_optimization = True``: ``training_step(batch,
+optimizers)`` steps its own optimizers). Closed-form models (PCA, GMM: ``closed_form =
+True``) go through the same :func:`fit`, which hands their ``solve`` all training images at
+once and keeps the bookkeeping (seed, device, history, ``last.ckpt``) here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from anomalykit.errors import ConfigError, TrainingError
 from anomalykit.training.checkpoint import load_state_into, read_checkpoint, save_checkpoint
-from anomalykit.training.inference import as_loader
+from anomalykit.training.inference import as_loader, evaluating
 from anomalykit.training.progress import progress_bar
 from anomalykit.training.seed import resolve_device, seed_everything
 
 LAST = "last.ckpt"
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in ``obj`` to ``device``, through lists, tuples and dicts.
+
+    Cached features are lists of tensors inside the batch dict: a top-level-only move would
+    leave them on the CPU while the model is on the GPU.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [move_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        items = [move_to_device(v, device) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
 
 
-def _optimizers(model) -> list[torch.optim.Optimizer]:
-    opt = model.configure_optimizers()
-    return list(opt) if isinstance(opt, (list, tuple)) else [opt]
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def configure(model) -> tuple[list[torch.optim.Optimizer], list[Any], str]:
+    """``model.configure_optimizers()`` -> (optimizers, schedulers, scheduler interval), checked."""
+    spec = model.configure_optimizers()
+    schedulers, interval = [], "epoch"
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"optimizers", "schedulers", "interval"}
+        if unknown or "optimizers" not in spec:
+            raise ConfigError(f"{type(model).__name__}.configure_optimizers returned a dict with keys "
+                              f"{sorted(spec)}; expected optimizers, schedulers, interval")
+        schedulers, interval = _as_list(spec.get("schedulers")), spec.get("interval", "epoch")
+        if interval not in ("epoch", "step"):
+            raise ConfigError(f"scheduler interval must be one of epoch, step; got {interval!r}")
+        spec = spec["optimizers"]
+    optimizers = _as_list(spec)
+    if not optimizers:
+        raise ConfigError(f"{type(model).__name__}.configure_optimizers returned no optimizer")
+    if len(optimizers) > 1 and not model.manual_optimization:
+        raise ConfigError(
+            f"{type(model).__name__} returns {len(optimizers)} optimizers: several optimizers need "
+            "manual optimization (set manual_optimization = True and step them in "
+            "training_step(batch, optimizers))")
+    return optimizers, schedulers, interval
 
 
 def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir) -> None:
@@ -52,45 +93,63 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_di
                 f"rate or check the input data{hint}")
 
 
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def _reseed_data(data: Any, seed: int) -> None:
+    """Reseed a dataset's own augmentation generator (if it has one) for this epoch.
+
+    An augmenting dataset with a private generator would otherwise continue its stream in
+    an uninterrupted run but restart it after a resume.
+    """
+    dataset = getattr(data, "dataset", data)
+    reseed = getattr(dataset, "reseed", None)
+    if callable(reseed):
+        reseed(seed)
+
+
 def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | None = None,
         batch_size: int = 16, num_workers: int = 0, device: str = "auto", seed: int = 0,
         out_dir: str | Path | None = None, resume: bool = False,
         early_stopping_patience: int | None = None, grad_clip: float | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        precision: Precision = "fp32", progress: bool = True) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` (Dataset, DataLoader or image tensor).
 
     Each epoch reseeds with ``seed + epoch`` so a resumed run sees the same data
     order and augmentations as an uninterrupted one. With ``out_dir``,
-    ``last.ckpt`` (weights + optimizer + history) is written atomically after
+    ``last.ckpt`` (weights + optimizers + schedulers + history) is written atomically after
     every epoch; ``resume=True`` continues from it. With ``val_data`` and
     ``early_stopping_patience``, training stops after that many epochs without
-    a better validation loss and the best weights are restored.
+    a better validation loss and the best weights are restored. ``precision`` "bf16" or
+    "fp16" runs the steps under autocast (for GPUs; fp16 with a gradient scaler).
 
-    Returns the history: per-epoch mean losses, best epoch, seconds, steps.
+    Returns the history: per-epoch mean losses, best epoch, seconds (setup included, also
+    given alone as ``setup_seconds``), steps.
     """
-    if getattr(model, "closed_form", False):
-        from anomalykit.base import Estimator
-
-        if type(model).fit is Estimator.fit:  # would hand back to this function forever
-            raise ConfigError(f"{type(model).__name__} sets closed_form = True but does not "
-                              "override fit")
-        return model.fit(train_data, val_data, epochs=epochs, max_steps=max_steps,
-                         batch_size=batch_size, num_workers=num_workers, device=device, seed=seed,
-                         out_dir=out_dir, resume=resume,
-                         early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
-                         progress=progress)
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    if early_stopping_patience is not None and val_data is None:
-        raise ConfigError("early_stopping_patience needs validation data (val_fraction > 0)")
+    check_options(model, epochs=epochs, val_data=val_data,
+                  early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
+                  precision=precision)
+    if model.closed_form:
+        return fit_closed_form(model, train_data, val_data, epochs=epochs, max_steps=max_steps,
+                               batch_size=batch_size, num_workers=num_workers, device=device,
+                               seed=seed, out_dir=out_dir, progress=progress)
     device = resolve_device(device)
     seed_everything(seed)
     model.to(device)
-    optimizers = _optimizers(model)
+    started = time.perf_counter()
+    original_train = train_data
+    train_data, val_data = model.setup_fit(train_data, val_data, batch_size=batch_size,
+                                           num_workers=num_workers, progress=progress)
+    setup_seconds = time.perf_counter() - started
+    optimizers, schedulers, interval = configure(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "best_epoch": None,
                                "best_val_loss": None, "epochs_run": 0, "steps": 0,
-                               "seconds": 0.0, "stopped_early": False}
+                               "seconds": 0.0, "setup_seconds": 0.0, "stopped_early": False}
     start_epoch, best_state = 0, None
     last_path = Path(out_dir) / LAST if out_dir else None
     if resume:
@@ -98,21 +157,29 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             raise ConfigError("resume=True needs out_dir, where last.ckpt lives")
         if last_path.exists():
             state = read_checkpoint(last_path, map_location=device)
+            training = state["training"]
             # Resizes buffers whose shape is only known after fitting, as load_model does.
             load_state_into(model, state["state_dict"], source=str(last_path))
-            for opt, opt_state in zip(optimizers, state["training"]["optimizers"], strict=True):
+            for opt, opt_state in zip(optimizers, training["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
-            history = state["training"]["history"]
+            for sched, sched_state in zip(schedulers, training.get("schedulers", []), strict=True):
+                sched.load_state_dict(sched_state)
+            if training.get("scaler"):
+                scaler.load_state_dict(training["scaler"])
+            history = training["history"]
             start_epoch = history["epochs_run"]
-            best_state = state["training"].get("best_state")
+            best_state = training.get("best_state")
+    # seconds = this run's setup + the training time of every run so far.
+    earlier_seconds = history["seconds"] - history.get("setup_seconds", 0.0)
+    history["setup_seconds"] = setup_seconds
 
     step = history["steps"]
-    started = time.perf_counter() - history["seconds"]
     with progress_bar(progress) as bar:
         task = bar.add_task(f"train {model.registry_name}", total=epochs, completed=start_epoch,
                             info="")
         for epoch in range(start_epoch, epochs):
             seed_everything(seed + epoch)
+            _reseed_data(train_data, seed + epoch)
             model.on_train_epoch_start(epoch, epochs, optimizers)
             generator = torch.Generator().manual_seed(seed + epoch)
             loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
@@ -121,34 +188,46 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             totals: dict[str, float] = {}
             n_batches = 0
             for batch in loader:
-                batch = _to_device(batch, device)
+                batch = move_to_device(batch, device)
+                model.global_step = step
                 if model.manual_optimization:
-                    losses = model.training_step(batch, optimizers)
+                    with _autocast(device, precision):
+                        losses = model.training_step(batch, optimizers)
                     _check_finite(losses, epoch, step, out_dir)
                 else:
-                    losses = model.training_step(batch)
+                    with _autocast(device, precision):
+                        losses = model.training_step(batch)
                     _check_finite(losses, epoch, step, out_dir)
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    losses["loss"].backward()
+                    optimizer = optimizers[0]
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses["loss"]).backward()
                     if grad_clip:
+                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    for opt in optimizers:
-                        opt.step()
+                    scaler.step(optimizer)
+                    scaler.update()
+                step += 1
+                model.global_step = step
+                model.on_after_optimizer_step(step)
+                if interval == "step":
+                    for sched in schedulers:
+                        sched.step()
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach())
                 n_batches += 1
-                step += 1
                 if max_steps is not None and step >= max_steps:
                     break
             if n_batches == 0:
                 raise ConfigError("the training set is empty")
+            if interval == "epoch":
+                for sched in schedulers:
+                    sched.step()
             train_loss = {k: v / n_batches for k, v in totals.items()}
             history["train_loss"].append(train_loss)
             info = f"loss {train_loss.get('loss', float('nan')):.4g}"
 
             if val_data is not None:
-                val_loss = _validate(model, val_data, batch_size, device)
+                val_loss = _validate(model, val_data, batch_size, device, precision)
                 history["val_loss"].append(val_loss)
                 info += f" val {val_loss:.4g}"
                 if history["best_val_loss"] is None or val_loss < history["best_val_loss"]:
@@ -156,7 +235,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             history["epochs_run"] = epoch + 1
             history["steps"] = step
-            history["seconds"] = time.perf_counter() - started
+            history["seconds"] = earlier_seconds + time.perf_counter() - started
             bar.update(task, advance=1, info=info)
 
             stop = max_steps is not None and step >= max_steps
@@ -166,6 +245,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             if last_path is not None:
                 save_checkpoint(last_path, model, training={
                     "optimizers": [opt.state_dict() for opt in optimizers],
+                    "schedulers": [sched.state_dict() for sched in schedulers],
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                     "history": copy.deepcopy(history),
                     "best_state": best_state,
                 })
@@ -174,7 +255,39 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
 
     if best_state is not None and early_stopping_patience is not None:
         load_state_into(model, best_state, source="best_state")
+    model.on_fit_end(original_train)
+    history["seconds"] = earlier_seconds + time.perf_counter() - started
     return history
+
+
+def check_options(model, *, epochs: int, val_data: Any, early_stopping_patience: int | None,
+                  grad_clip: float | None, precision: str) -> None:
+    """Refuse option combinations the loop cannot honour, before any work is done."""
+    from anomalykit.base import Estimator
+
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if early_stopping_patience is not None and val_data is None:
+        raise ConfigError("early_stopping_patience needs validation data (val_fraction > 0)")
+    if model.closed_form:
+        if type(model).solve is Estimator.solve:
+            raise ConfigError(f"{type(model).__name__} sets closed_form = True but does not "
+                              "implement solve")
+        return
+    if model.manual_optimization:
+        if grad_clip:
+            raise ConfigError(f"grad_clip is not applied under manual optimization: "
+                              f"{type(model).__name__} steps its own optimizers, so clip inside "
+                              "its training_step (torch.nn.utils.clip_grad_norm_)")
+        if precision == "fp16":
+            raise ConfigError("precision fp16 needs a gradient scaler per optimizer, which manual "
+                              "optimization does not get; use bf16 or fp32")
+        if val_data is not None and type(model).validation_step is Estimator.validation_step:
+            raise ConfigError(f"{type(model).__name__} uses manual optimization, so its "
+                              "training_step steps optimizers and cannot validate: implement "
+                              "validation_step, or train without validation data (val_fraction 0)")
 
 
 def collect_images(data, *, batch_size: int = 16, max_steps: int | None = None,
@@ -197,33 +310,29 @@ def collect_images(data, *, batch_size: int = 16, max_steps: int | None = None,
 
 
 @torch.no_grad()
-def fit_closed_form(model, train_data, val_data=None, *, solve: Callable[[torch.Tensor, int], None],
-                    loss: Callable[[torch.Tensor], torch.Tensor], epochs: int = 1,
+def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                     max_steps: int | None = None, batch_size: int = 16, num_workers: int = 0,
                     device: str | torch.device = "auto", seed: int = 0,
-                    out_dir: str | Path | None = None, resume: bool = False,
-                    early_stopping_patience: int | None = None, grad_clip: float | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """The loop's bookkeeping for a closed-form model, with :func:`fit`'s options and history.
+                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """:func:`fit` for a closed-form model: one ``model.solve`` on every training image.
 
-    ``solve(images, seed)`` fits the model on all training images at once (a CPU tensor,
-    see :func:`collect_images`); ``loss(images)`` is the per-sample loss (N,) that the
-    history reports for the training and validation images. There are no iterations:
-    ``epochs``, ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted so
+    ``model.solve(images, seed=seed)`` fits on all training images at once (a CPU tensor,
+    see :func:`collect_images`); ``model.per_sample_loss(images)`` (N,) is what the history
+    reports for the training and validation images. There are no iterations: ``epochs``,
+    ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted by :func:`fit` so
     one config trains any model, and have no effect. With ``out_dir`` the fitted model is
     written to ``last.ckpt`` like an iterative run's last epoch.
     """
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
     device = resolve_device(device)
     seed_everything(seed)
     started = time.perf_counter()
+    loss: Callable[[torch.Tensor], torch.Tensor] = model.per_sample_loss
     with progress_bar(progress) as bar:
         task = bar.add_task(f"fit {model.registry_name}", total=1, info="")
         images = collect_images(train_data, batch_size=batch_size, max_steps=max_steps,
                                 num_workers=num_workers)
         model.to("cpu")  # the linear algebra runs on the CPU (numpy/scipy/scikit-learn)
-        solve(images, seed)
+        model.solve(images, seed=seed)
         model.to(device)
 
         def mean_loss(data) -> float:
@@ -231,44 +340,43 @@ def fit_closed_form(model, train_data, val_data=None, *, solve: Callable[[torch.
                       for chunk in data.split(max(1, batch_size))]
             return sum(values) / len(data)
 
-        was_training = model.training
-        model.eval()
-        train_loss = mean_loss(images)
-        history: dict[str, Any] = {
-            "train_loss": [{"loss": train_loss}], "val_loss": [], "best_epoch": None,
-            "best_val_loss": None, "epochs_run": 1,
-            "steps": math.ceil(len(images) / max(1, batch_size)), "seconds": 0.0,
-            "stopped_early": False,
-        }
-        info = f"loss {train_loss:.4g}"
-        if val_data is not None:
-            val_loss = mean_loss(collect_images(val_data, batch_size=batch_size,
-                                                num_workers=num_workers))
-            history.update(val_loss=[val_loss], best_epoch=0, best_val_loss=val_loss)
-            info += f" val {val_loss:.4g}"
-        model.train(was_training)
+        with evaluating(model):
+            train_loss = mean_loss(images)
+            history: dict[str, Any] = {
+                "train_loss": [{"loss": train_loss}], "val_loss": [], "best_epoch": None,
+                "best_val_loss": None, "epochs_run": 1,
+                "steps": math.ceil(len(images) / max(1, batch_size)), "seconds": 0.0,
+                "setup_seconds": 0.0, "stopped_early": False,
+            }
+            info = f"loss {train_loss:.4g}"
+            if val_data is not None:
+                val_loss = mean_loss(collect_images(val_data, batch_size=batch_size,
+                                                    num_workers=num_workers))
+                history.update(val_loss=[val_loss], best_epoch=0, best_val_loss=val_loss)
+                info += f" val {val_loss:.4g}"
         history["seconds"] = time.perf_counter() - started
         bar.update(task, advance=1, info=info)
     for value in [train_loss, *history["val_loss"]]:
         if not math.isfinite(value):
             raise TrainingError(f"closed-form fit of {type(model).__name__} gave a loss of {value}: "
                                 "check the input data for NaN/inf values")
+    model.on_fit_end(train_data)
     if out_dir is not None:
         save_checkpoint(Path(out_dir) / LAST, model,
-                        training={"optimizers": [], "history": copy.deepcopy(history),
+                        training={"optimizers": [], "schedulers": [], "history": copy.deepcopy(history),
                                   "best_state": None})
     return history
 
 
 @torch.no_grad()
-def _validate(model, val_data, batch_size: int, device: torch.device) -> float:
-    model.eval()
+def _validate(model, val_data, batch_size: int, device: torch.device, precision: str) -> float:
     total, n = 0.0, 0
-    for batch in as_loader(val_data, batch_size=batch_size):
-        batch = _to_device(batch, device)
-        loss = model.validation_step(batch)["loss"]
-        count = len(batch["image"])
-        total += float(loss) * count
-        n += count
-    model.train()
+    with evaluating(model):
+        for batch in as_loader(val_data, batch_size=batch_size):
+            batch = move_to_device(batch, device)
+            with _autocast(device, precision):
+                loss = model.validation_step(batch)["loss"]
+            count = len(batch["image"])
+            total += float(loss) * count
+            n += count
     return total / max(n, 1)
