@@ -10,7 +10,7 @@ BENCH_OUT ?= runs/benchmark
 BENCH_DETECTORS ?= ae,ae_ssim
 BENCH_ARGS ?=
 
-.PHONY: install test benchmark lint clean
+.PHONY: install test test-fast benchmark lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (learning tests, anything over ~5 s): the inner loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 benchmark: $(STAMP)
 	$(BIN)/anomalykit benchmark --detectors $(BENCH_DETECTORS) --out $(BENCH_OUT) $(BENCH_ARGS)

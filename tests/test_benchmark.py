@@ -117,6 +117,7 @@ def test_interrupted_benchmark_keeps_finished_rows(dataset: Path, config: Path, 
     assert (tmp_path / "results.md").is_file() and (tmp_path / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_two_categories_with_onnx_and_report(dataset: Path, config: Path, tmp_path: Path) -> None:
     rows = run_benchmark([GOOD], dataset, CATEGORIES, config=config, overrides=["seed=3"],
                          out_dir=tmp_path, device="cpu", seed=1, onnx=True, progress=False,

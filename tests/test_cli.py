@@ -281,6 +281,7 @@ def run_module(*args: object, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_subprocess_train_predict_and_error(dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     done = run_module("train", "ae", "--root", dataset, "--category", CATEGORY, "--out", run,

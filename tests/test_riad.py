@@ -111,7 +111,7 @@ def test_unet_rejects_indivisible_input_and_bad_options():
 
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 def test_unet_exports_to_onnx_with_the_dynamo_exporter(upsample, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort  # a hard dependency (pyproject): a missing one must fail, not skip
     torch.manual_seed(0)
     net = UNet(3, 3, (4, 8, 8), upsample=upsample, out_activation=None).eval()
     x = rand(2, 3, 16, 16)
