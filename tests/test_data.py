@@ -155,7 +155,7 @@ def test_read_image_promotes_gray_rgba_16bit(tmp_path: Path) -> None:
 
 
 def test_read_image_gray_alpha(tmp_path: Path) -> None:
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil
     la = np.zeros((5, 4, 2), dtype=np.uint8)
     la[..., 0] = 77
     la[..., 1] = 255
