@@ -323,11 +323,10 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     size = int(model.image_size)
     train_set = AnomalyDataset(train_part, size, augment=bool(data_options["augment"]),
                                seed=run_seed)
-    val_set = AnomalyDataset(val_part, size) if val_part else None
+    val_set = AnomalyDataset(val_part, size, cache=train_set.cache) if val_part else None
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # model.fit, not fit(model): closed-form models (PCA, GMM) override it.
     history = model.fit(train_set, val_set, device=torch_device, seed=run_seed, out_dir=out,
                   resume=resume, progress=progress, **fit_kwargs)
 
@@ -341,7 +340,7 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     else:
         # Training images score lower than unseen good ones, so this threshold is optimistic.
         calibrated_on = "train"
-        calibration_set = AnomalyDataset(train_part, size)
+        calibration_set = AnomalyDataset(train_part, size, cache=train_set.cache)
         notes.append(f"no validation images (val_fraction={data_options['val_fraction']}, "
                      f"{len(good)} good training image(s)): the threshold was calibrated on the "
                      "training images and will flag more good images than expected")

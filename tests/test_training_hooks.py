@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from anomalykit.base import Estimator
-from anomalykit.errors import ConfigError
+from anomalykit.errors import ConfigError, TrainingError
 from anomalykit.training import fit
 from anomalykit.training.trainer import move_to_device
 
@@ -275,3 +275,32 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
     b = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_resuming_a_finished_run_does_not_train_further(tmp_path):
+    model = Recon()
+    fit(model, data(16), epochs=3, max_steps=3, batch_size=4, out_dir=tmp_path, progress=False,
+        device="cpu")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    again = Recon()
+    history = fit(again, data(16), epochs=3, max_steps=3, batch_size=4, out_dir=tmp_path,
+                  resume=True, progress=False, device="cpu")
+    assert history["steps"] == 3
+    for key, value in weights.items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_resume_with_other_optimizers_is_a_clear_error(tmp_path):
+    fit(Recon(), data(8), epochs=1, batch_size=4, out_dir=tmp_path, progress=False, device="cpu")
+    with pytest.raises(TrainingError, match=r"last.ckpt was written with other optimizers"):
+        fit(Recon(schedule="epoch"), data(8), epochs=2, batch_size=4, out_dir=tmp_path, resume=True,
+            progress=False, device="cpu")
+
+
+def test_bad_loop_options_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="grad_clip must be > 0"):
+        fit(Recon(), data(), epochs=1, grad_clip=-1.0, progress=False)
+    with pytest.raises(ConfigError, match="early_stopping_patience must be >= 1"):
+        fit(Recon(), data(), data(4), epochs=1, early_stopping_patience=0, progress=False)
+    with pytest.raises(ConfigError, match="resume=True needs out_dir"):
+        fit(Recon(), data(), epochs=1, resume=True, progress=False)

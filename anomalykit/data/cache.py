@@ -24,10 +24,8 @@ to clear it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from anomalykit.atomic import atomic_write
 
 __all__ = ["DEFAULT_CACHE_BYTES", "ImageCache", "file_stamp"]
 
@@ -99,6 +99,10 @@ class ImageCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        # Pickling (DataLoader workers under spawn) makes arrays writeable again.
+        for _stamp, entry, _size in self._entries.values():
+            for array in entry.values():
+                array.flags.writeable = False
 
     def clear(self) -> None:
         """Drop the memory entries (the disk entries stay)."""
@@ -160,22 +164,16 @@ class ImageCache:
     def _write(self, key: Hashable, stamp: tuple[int, ...], entry: Entry) -> None:
         assert self.cache_dir is not None
         target = self._file(key)
-        temporary: str | None = None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-",
-                                                     suffix=".npz")
-            with os.fdopen(descriptor, "wb") as handle:
+
+        def write(temporary: str) -> None:
+            with open(temporary, "wb") as handle:
                 np.savez(handle, **{_STAMP: np.asarray(stamp, dtype=np.int64)}, **entry)
-            os.replace(temporary, target)
-            temporary = None
+
+        try:
+            atomic_write(target, write)
         except OSError as exc:
             # A full or read-only disk must not stop training: serve from memory and say so once.
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"image cache: cannot write to {self.cache_dir} ({exc}); "
                               "continuing without the disk cache", RuntimeWarning, stacklevel=3)
-        finally:
-            if temporary is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)

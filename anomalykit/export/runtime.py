@@ -22,7 +22,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -34,6 +33,14 @@ _FLOAT_KEYS = ("threshold", "pixel_threshold", "score_min", "score_max")
 _INT_KEYS = ("image_size", "opset")
 
 
+def _onnxruntime():
+    """onnxruntime, imported on first use: reading images (training imports the decoder
+    below) must not need it."""
+    import onnxruntime
+
+    return onnxruntime
+
+
 def available_providers(device: str = "auto") -> list[str]:
     """onnxruntime execution providers for ``device``, best first.
 
@@ -41,7 +48,7 @@ def available_providers(device: str = "auto") -> list[str]:
     ``cpu``: CPU only. ``cuda`` / ``cuda:N``: CUDA then CPU; an error if CUDA is missing.
     """
     device = device.strip().lower()
-    has_cuda = CUDA in ort.get_available_providers()
+    has_cuda = CUDA in _onnxruntime().get_available_providers()
     if device == "auto":
         return [CUDA, CPU] if has_cuda else [CPU]
     if device == "cpu":
@@ -50,7 +57,7 @@ def available_providers(device: str = "auto") -> list[str]:
         if not has_cuda:
             raise ValueError(
                 f"device {device!r} asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                f"(it has {', '.join(_onnxruntime().get_available_providers())}); install onnxruntime-gpu "
                 "instead of onnxruntime, or use device='cpu'"
             )
         return [CUDA, CPU]
@@ -142,12 +149,12 @@ class OnnxDetector:
         providers: list[Any] = available_providers(device)
         if device.startswith("cuda:"):
             providers[0] = (CUDA, {"device_id": int(device.split(":", 1)[1])})
-        options = ort.SessionOptions()
+        options = _onnxruntime().SessionOptions()
         options.log_severity_level = 3  # onnxruntime's warnings are noise on a line PC
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = _onnxruntime().InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - any load failure means "not a usable model"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"cannot load ONNX model {self.path}: {first}") from exc

@@ -111,6 +111,17 @@ def _reseed_data(data: Any, seed: int) -> None:
         reseed(seed)
 
 
+def _preload_for_workers(data: Any, num_workers: int) -> None:
+    """Fill a dataset's decode-once cache before DataLoader workers copy it.
+
+    Workers are new processes every epoch: what they cache is lost when they exit, so the
+    main process decodes everything once first (see AnomalyDataset.preload).
+    """
+    preload = getattr(getattr(data, "dataset", data), "preload", None)
+    if num_workers > 0 and callable(preload):
+        preload()
+
+
 def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | None = None,
         batch_size: int = 16, num_workers: int = 0, device: str = "auto", seed: int = 0,
         out_dir: str | Path | None = None, resume: bool = False,
@@ -131,7 +142,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
     """
     check_options(model, epochs=epochs, val_data=val_data,
                   early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
-                  precision=precision)
+                  precision=precision, resume=resume, out_dir=out_dir)
     if model.closed_form:
         return fit_closed_form(model, train_data, val_data, epochs=epochs, max_steps=max_steps,
                                batch_size=batch_size, num_workers=num_workers, device=device,
@@ -139,8 +150,18 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
     device = resolve_device(device)
     seed_everything(seed)
     model.to(device)
+    last_path = Path(out_dir) / LAST if out_dir else None
+    # The weights come back before setup_fit, so caches are computed with the saved model.
+    state = read_checkpoint(last_path, map_location=device) if resume and last_path.exists() else None
+    if state is not None:
+        if "training" not in state:
+            raise TrainingError(f"{last_path} holds no training state (a finished model.ckpt?); "
+                                "remove it to train from scratch")
+        # Resizes buffers whose shape is only known after fitting, as load_model does.
+        load_state_into(model, state["state_dict"], source=str(last_path))
     started = time.perf_counter()
     original_train = train_data
+    _preload_for_workers(train_data, num_workers)
     train_data, val_data = model.setup_fit(train_data, val_data, batch_size=batch_size,
                                            num_workers=num_workers, progress=progress)
     setup_seconds = time.perf_counter() - started
@@ -151,24 +172,24 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                                "best_val_loss": None, "epochs_run": 0, "steps": 0,
                                "seconds": 0.0, "setup_seconds": 0.0, "stopped_early": False}
     start_epoch, best_state = 0, None
-    last_path = Path(out_dir) / LAST if out_dir else None
-    if resume:
-        if last_path is None:
-            raise ConfigError("resume=True needs out_dir, where last.ckpt lives")
-        if last_path.exists():
-            state = read_checkpoint(last_path, map_location=device)
-            training = state["training"]
-            # Resizes buffers whose shape is only known after fitting, as load_model does.
-            load_state_into(model, state["state_dict"], source=str(last_path))
+    if state is not None:
+        training = state["training"]
+        try:
             for opt, opt_state in zip(optimizers, training["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
             for sched, sched_state in zip(schedulers, training.get("schedulers", []), strict=True):
                 sched.load_state_dict(sched_state)
-            if training.get("scaler"):
-                scaler.load_state_dict(training["scaler"])
-            history = training["history"]
-            start_epoch = history["epochs_run"]
-            best_state = training.get("best_state")
+        except (ValueError, KeyError) as exc:
+            raise TrainingError(f"{last_path} was written with other optimizers or schedulers than "
+                                f"{type(model).__name__} has now ({exc}); remove it to train from "
+                                "scratch") from exc
+        if training.get("scaler"):
+            scaler.load_state_dict(training["scaler"])
+        history = training["history"]
+        start_epoch = history["epochs_run"]
+        best_state = training.get("best_state")
+        if history["stopped_early"] or (max_steps is not None and history["steps"] >= max_steps):
+            start_epoch = epochs  # that run had finished: resuming must not train further
     # seconds = this run's setup + the training time of every run so far.
     earlier_seconds = history["seconds"] - history.get("setup_seconds", 0.0)
     history["setup_seconds"] = setup_seconds
@@ -203,7 +224,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                     scaler.scale(losses["loss"]).backward()
                     if grad_clip:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for group in optimizer.param_groups for p in group["params"]], grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
                 step += 1
@@ -232,7 +254,9 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                 info += f" val {val_loss:.4g}"
                 if history["best_val_loss"] is None or val_loss < history["best_val_loss"]:
                     history["best_val_loss"], history["best_epoch"] = val_loss, epoch
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    if early_stopping_patience is not None:  # only then restored at the end
+                        best_state = {k: v.detach().cpu().clone()
+                                      for k, v in model.state_dict().items()}
             history["epochs_run"] = epoch + 1
             history["steps"] = step
             history["seconds"] = earlier_seconds + time.perf_counter() - started
@@ -261,7 +285,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
 
 
 def check_options(model, *, epochs: int, val_data: Any, early_stopping_patience: int | None,
-                  grad_clip: float | None, precision: str) -> None:
+                  grad_clip: float | None, precision: str, resume: bool = False,
+                  out_dir: Any = None) -> None:
     """Refuse option combinations the loop cannot honour, before any work is done."""
     from anomalykit.base import Estimator
 
@@ -271,6 +296,13 @@ def check_options(model, *, epochs: int, val_data: Any, early_stopping_patience:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if early_stopping_patience is not None and val_data is None:
         raise ConfigError("early_stopping_patience needs validation data (val_fraction > 0)")
+    if early_stopping_patience is not None and early_stopping_patience < 1:
+        raise ConfigError(f"early_stopping_patience must be >= 1 (epochs without a better "
+                          f"validation loss), got {early_stopping_patience}")
+    if grad_clip is not None and grad_clip < 0:
+        raise ConfigError(f"grad_clip must be > 0 (a gradient-norm bound) or 0/None, got {grad_clip}")
+    if resume and out_dir is None:
+        raise ConfigError("resume=True needs out_dir, where last.ckpt lives")
     if model.closed_form:
         if type(model).solve is Estimator.solve:
             raise ConfigError(f"{type(model).__name__} sets closed_form = True but does not "
