@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11; only annotations
 
 SECTIONS = ("model", "train", "calibrate")
 # Options of the data pipeline that live in the `train` section next to fit's arguments.
-DATA_OPTIONS = {"val_fraction": 0.1, "augment": False}
+# The data layer's options in a profile's train section (AnomalyDataset's cache_bytes/cache_dir:
+# the decode-once cache's memory budget, and a folder to keep resized copies across runs).
+DATA_OPTIONS = {"val_fraction": 0.1, "augment": False, "cache_bytes": 2**30, "cache_dir": None}
 # fit() arguments that are per-run choices (command-line options), never part of a profile.
 RUN_OPTIONS = {"out_dir": "--out", "resume": "--resume", "progress": "--quiet"}
 # Directories of user profiles, searched before the packaged ones.

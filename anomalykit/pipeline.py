@@ -322,7 +322,8 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     model = create(detector, **cfg["model"])
     size = int(model.image_size)
     train_set = AnomalyDataset(train_part, size, augment=bool(data_options["augment"]),
-                               seed=run_seed)
+                               seed=run_seed, cache_bytes=int(data_options["cache_bytes"]),
+                               cache_dir=data_options["cache_dir"])
     val_set = AnomalyDataset(val_part, size, cache=train_set.cache) if val_part else None
 
     out = Path(out_dir)

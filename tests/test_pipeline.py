@@ -201,3 +201,10 @@ def test_load_predictor_errors(tmp_path: Path) -> None:
     broken.write_bytes(b"not onnx")
     with pytest.raises(ConfigError, match="broken.onnx"):
         load_predictor(broken, device="cpu")
+
+
+def test_profile_sets_the_image_cache_folder(dataset: Path, config: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "image_cache"
+    train(dataset, config, tmp_path / "run", overrides=[f"cache_dir={cache_dir}"])
+    # 12 training images (train + val), each decoded and resized once, kept for the next run
+    assert len(list(cache_dir.glob("*/*.npz")) + list(cache_dir.glob("*.npz"))) == 12
