@@ -36,9 +36,11 @@ def _config_label(config: str | os.PathLike[str], overrides: Sequence[str] | Non
 
 def _onnx_device(torch_device: str) -> str:
     """onnxruntime device matching the torch one; CPU when this build has no CUDA provider."""
-    from anomalykit.export.runtime import CUDA, ort
+    import onnxruntime
 
-    if torch_device.startswith("cuda") and CUDA in ort.get_available_providers():
+    from anomalykit.export.runtime import CUDA
+
+    if torch_device.startswith("cuda") and CUDA in onnxruntime.get_available_providers():
         return torch_device
     return "cpu"
 
