@@ -102,8 +102,8 @@ class Estimator(nn.Module):
     # The loop (anomalykit.training.fit) owns epochs, devices, checkpoints and resume and calls
     # these; a model supplies what differs. Order in one fit:
     #   setup_fit -> configure_optimizers -> [on_train_epoch_start -> (training_step ->
-    #   on_after_optimizer_step) per batch -> validation_step per val batch] per epoch
-    #   -> on_fit_end.
+    #   on_after_optimizer_step) per batch -> validation_step per val batch ->
+    #   on_train_epoch_end] per epoch -> on_fit_end.
     def setup_fit(self, train_data: Any, val_data: Any, *, batch_size: int, num_workers: int,
                   progress: bool) -> tuple[Any, Any]:
         """Prepare what the loop iterates; default: the data unchanged.
@@ -147,6 +147,14 @@ class Estimator(nn.Module):
 
         E.g. an exponential moving average of the weights. ``self.global_step`` holds the
         number of steps done before the current one while ``training_step`` runs.
+        """
+
+    def on_train_epoch_end(self, epoch: int, epochs: int, *, out_dir: Any = None) -> None:
+        """Called after each epoch's training, validation and history update, before its
+        checkpoint; no-op. ``out_dir`` is the run's folder (a Path) or None.
+
+        E.g. a generative model saving a grid of samples under ``out_dir`` to show how
+        training goes (GANs fail silently: a collapsed generator still has a loss).
         """
 
     def on_fit_end(self, train_data: Any) -> None:

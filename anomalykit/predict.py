@@ -16,8 +16,8 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from anomalykit.data.io import write_png
 from anomalykit.errors import DataError
 
 __all__ = ["PREDICTIONS_NAME", "PredictSummary", "collect_images", "overlay_names",
@@ -82,18 +82,6 @@ def overlay_names(files: list[Path], source: Path) -> list[str]:
             stem = "_".join(parts)
         names.append(f"{stem}.png")
     return names
-
-
-def write_png(path: Path, image_rgb: Any) -> Path:
-    """Encode an RGB image as PNG and write it atomically (non-ASCII paths work too)."""
-    import cv2
-
-    from anomalykit.training.checkpoint import atomic_write
-
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise DataError(f"cannot encode {path.name} as PNG")
-    return atomic_write(path, encoded.tofile)
 
 
 def predict_images(model: str | os.PathLike[str], source: str | os.PathLike[str],

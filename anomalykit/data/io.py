@@ -21,7 +21,8 @@ import numpy as np
 from anomalykit.errors import DataError
 from anomalykit.export.runtime import decode_image
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "is_image_file", "read_image", "read_mask"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "image_grid", "is_image_file", "read_image", "read_mask",
+           "write_png"]
 
 #: File extensions treated as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -114,3 +115,38 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             raise DataError(f"mask {p} has {channels} channels; expected 1, 2, 3 or 4")
         mask = mask.max(axis=2)
     return (mask > 0).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike[str], image_rgb: np.ndarray) -> Path:
+    """Encode an (H, W, 3) uint8 RGB image as PNG and write it atomically (non-ASCII paths
+    work too)."""
+    from anomalykit.atomic import atomic_write
+
+    path = Path(path)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DataError(f"cannot encode {path.name} as PNG")
+    return atomic_write(path, encoded.tofile)
+
+
+def image_grid(images, nrow: int = 8, *, pad: int = 2, background: int = 255) -> np.ndarray:
+    """(N, C, H, W) or (N, H, W, C) images in [0, 1] (C = 1 or 3; numpy or torch) -> one
+    (rows * (H + pad) + pad, nrow * (W + pad) + pad, 3) uint8 RGB picture, row-major."""
+    array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataError(f"image_grid needs (N, C, H, W) or (N, H, W, C) images; got shape {array.shape}")
+    if array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(0, 2, 3, 1)  # channels last
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    n, h, w, _ = array.shape
+    nrow = max(1, min(nrow, n))
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), background, np.uint8)
+    pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    for i in range(n):
+        y, x = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[y:y + h, x:x + w] = pixels[i]
+    return grid

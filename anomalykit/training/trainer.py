@@ -4,7 +4,8 @@ Seeding, device choice, progress bars, atomic checkpoints with exact resume, ear
 stopping on the validation loss, learning-rate schedulers, optional mixed precision,
 and a clear error when a loss stops being finite. Models supply ``training_step`` and
 ``configure_optimizers`` plus the hooks they need (see :class:`anomalykit.base.Estimator`:
-``setup_fit``, ``on_train_epoch_start``, ``on_after_optimizer_step``, ``on_fit_end``);
+``setup_fit``, ``on_train_epoch_start``, ``on_after_optimizer_step``,
+``on_train_epoch_end``, ``on_fit_end``);
 GANs take the manual path (``manual_optimization = True``: ``training_step(batch,
 optimizers)`` steps its own optimizers). Closed-form models (PCA, GMM: ``closed_form =
 True``) go through the same :func:`fit`, which hands their ``solve`` all training images at
@@ -81,6 +82,13 @@ def configure(model) -> tuple[list[torch.optim.Optimizer], list[Any], str]:
             "manual optimization (set manual_optimization = True and step them in "
             "training_step(batch, optimizers))")
     return optimizers, schedulers, interval
+
+
+def loss_info(losses: dict[str, float], limit: int = 4) -> str:
+    """The progress bar's text: "loss" first, then up to ``limit`` - 1 other logged losses
+    (a GAN's two players: ``d_loss 0.69 g_loss 0.71``)."""
+    names = (["loss"] if "loss" in losses else []) + [k for k in losses if k != "loss"]
+    return " ".join(f"{k} {losses[k]:.4g}" for k in names[:limit])
 
 
 def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir) -> None:
@@ -246,7 +254,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                     sched.step()
             train_loss = {k: v / n_batches for k, v in totals.items()}
             history["train_loss"].append(train_loss)
-            info = f"loss {train_loss.get('loss', float('nan')):.4g}"
+            info = loss_info(train_loss)
 
             if val_data is not None:
                 val_loss = _validate(model, val_data, batch_size, device, precision)
@@ -261,6 +269,7 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             history["steps"] = step
             history["seconds"] = earlier_seconds + time.perf_counter() - started
             bar.update(task, advance=1, info=info)
+            model.on_train_epoch_end(epoch, epochs, out_dir=Path(out_dir) if out_dir else None)
 
             stop = max_steps is not None and step >= max_steps
             if (early_stopping_patience is not None and history["best_epoch"] is not None
