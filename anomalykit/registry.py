@@ -31,6 +31,8 @@ _MODULES = (
     "anomalykit.detectors.pca",
     "anomalykit.generative.vae",
     "anomalykit.generative.vqvae",
+    "anomalykit.generative.gan",
+    "anomalykit.generative.gan_inverse",
     "anomalykit.detectors.ae",
     "anomalykit.detectors.vae",
     "anomalykit.detectors.fastflow",

@@ -52,6 +52,16 @@ TINY: dict[str, Tiny] = {
                 fitted_buffers=["mean_", "components_", "explained_variance_", "n_samples_seen_"]),
     "gmm": Tiny({"n_components": 2, "covariance_type": "full"}, data="vector",
                 fitted_buffers=["means_", "precisions_cholesky_", "n_samples_seen_"]),
+    "gan": Tiny({"dim": DIM, "latent_dim": 2, "hidden": 8, "layers": 2}, data="vector"),
+    "dcgan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4}),
+    "lsgan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4}),
+    "wgan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4}),
+    "wgan_gp": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4}),
+    "cgan": Tiny({"image_size": SIZE, "num_classes": 1, "latent_dim": 8, "embed_dim": 4,
+                  "width": 4}),
+    "infogan": Tiny({"image_size": SIZE, "noise_dim": 4, "num_categories": 3,
+                     "continuous_dim": 1, "q_hidden": 8, "width": 4}),
+    "bigan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4, "joint_hidden": 8}),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from anomalykit.errors import DataError
 from anomalykit.training.progress import track
 
 
@@ -30,13 +31,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 def as_loader(data, *, batch_size: int, shuffle: bool = False, generator=None,
               num_workers: int = 0) -> DataLoader:
-    """Accept a DataLoader, a Dataset of dict items, or an image tensor (N, 3, H, W)."""
+    """Accept a DataLoader, a Dataset of dict items, an image tensor (N, 3, H, W), or a dict of
+    equal-length tensors (``{"image": X, "class": y}``: items ``{"image": X[i], "class": y[i]}``)."""
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, torch.Tensor):
         data = _TensorImages(data)
+    elif isinstance(data, dict):
+        data = _TensorDict(data)
     if not isinstance(data, Dataset):
-        raise TypeError(f"expected a DataLoader, Dataset or Tensor, got {type(data).__name__}")
+        raise TypeError(f"expected a DataLoader, Dataset, Tensor or dict of tensors, got "
+                        f"{type(data).__name__}")
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers, drop_last=False)
 
@@ -49,6 +54,24 @@ class _TensorImages(TensorDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.tensors[0][index]}
+
+
+class _TensorDict(Dataset):
+    """A dict of tensors sharing their first dimension, seen as a dataset of dict items."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {name: len(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+        if not tensors or len(lengths) != len(tensors) or len(set(lengths.values())) != 1:
+            raise DataError(f"a dict of data must hold tensors of one length; got "
+                            f"{ {k: lengths.get(k, type(v).__name__) for k, v in tensors.items()} }")
+        self.tensors = dict(tensors)
+        self.length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {name: t[index] for name, t in self.tensors.items()}
 
 
 @torch.no_grad()
