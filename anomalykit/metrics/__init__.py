@@ -31,6 +31,12 @@ from anomalykit.metrics.classification import (
     image_ap,
     image_auroc,
 )
+from anomalykit.metrics.sample_quality import (
+    backbone_embeddings,
+    frechet_distance,
+    knn_precision_recall,
+    sample_quality,
+)
 from anomalykit.metrics.segmentation import (
     _check_fpr_limit,
     _pixel_metrics,
@@ -42,13 +48,17 @@ from anomalykit.metrics.threshold import threshold_from_good
 
 __all__ = [
     "aupro",
+    "backbone_embeddings",
     "compute_metrics",
     "f1_at_threshold",
     "f1_max",
+    "frechet_distance",
     "image_ap",
     "image_auroc",
+    "knn_precision_recall",
     "pixel_ap",
     "pixel_auroc",
+    "sample_quality",
     "threshold_from_good",
 ]
 
