@@ -39,6 +39,9 @@ _MODULES = (
     "anomalykit.detectors.differnet",
     "anomalykit.detectors.riad",
     "anomalykit.detectors.draem",
+    "anomalykit.detectors.anogan",
+    "anomalykit.detectors.fanogan",
+    "anomalykit.detectors.ganomaly",
 )
 _loaded = False
 
