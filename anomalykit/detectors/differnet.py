@@ -30,43 +30,88 @@ Differences from the paper, on purpose:
   is what makes a useful number of epochs affordable (see configs/differnet/quick.yaml). Data
   that augments on the fly (``train.augment: true``) falls back to backbone features per step.
 
-The anomaly map (the issue's question: exported output or runtime?). The paper's map is the
-gradient of the score with respect to the input image. ``torch.autograd.grad`` (and
-``torch.func.grad``) inside ``forward`` do not export with the dynamo exporter (torch 2.14:
-"fake tensor in the exported program constant's list" / "'Tensor' object has no attribute
-'constant'"), and onnxruntime has no autograd, so the input gradient is neither an ONNX
-output nor computed in the runtime: it is available in PyTorch only, as
-:meth:`DifferNetDetector.gradient_map`. ``forward`` (hence the ONNX graph, the benchmarks'
-pixel metrics and the deployed model) returns the same gradient stopped at the backbone
-features, Grad-CAM style (Selvaraju et al. 2017): g = d score / d v is computed in the graph by
-an explicit backward pass through the flow (:func:`flow_vjp`: the layers' own ``vjp``, plain
-tensor ops), and the map
-at a pixel p is ReLU( sum_t R_t^-1 sum_s <g_ts, F_ts(p)> ) / S^2, F_ts the feature map of
-transform t at scale s upsampled to S, R_t^-1 the inverse rotation, then Gaussian-smoothed
-(``map_sigma``). Dividing by S^2 makes it each pixel's share of the first-order score <g, v>
-(it sums to about that over the image), which also keeps its values small enough for float32
-parity with onnxruntime. PyTorch and ONNX compute exactly this, so they agree to float error.
-On magnetic_tile (192 px, stage 3, 4 rotations, one flow, the 508 test images) its pixel
-AUROC was 0.78 against 0.70 for the input gradient (0.76 without the rotations averaged).
+The anomaly map. DifferNet scores the whole image, so its map is a by-product, and
+``map_method`` chooses it (:meth:`DifferNetDetector.set_map_method` switches it on a trained
+model; every method is computed inside ``forward``, so it is what the ONNX graph, the
+benchmarks' pixel metrics and the deployed model return, and PyTorch and ONNX agree to float
+error). Each is computed per test-time transform t, rotated back (R_t^-1), combined over t and
+Gaussian-smoothed (``map_sigma``).
+
+* ``density`` (default): each cell's own score under the flow. A single position's features
+  are far outside what the flow was trained on (whole-image averages: their raw scores reach
+  1e16, highest on the image border), so each cell is pasted into the flow's centre
+  c = f^-1(0), the pooled features of the most typical good image, at the weight a = 1 / (h w)
+  of one cell of the finest map: map(p) = mean(z(c + a (F(p) - c))^2), F(p) the features of
+  every scale at p, averaged over t (:meth:`DifferNetDetector.density_maps`): how anomalous a
+  good image would be with this one cell in it. To first order it is the squared Mahalanobis
+  distance of F(p) from c under the Gaussian the flow puts at its centre, so ANY change the
+  flow finds unlikely raises it, whatever its sign. Gradient-free; one flow pass per cell
+  (about twice the attribution's onnxruntime time at 192 px). Where it fails: it sees one
+  cell at a time, so a defect that is only visible at a larger scale than a cell (magnetic
+  tile's "uneven", a quarter of the image) scores low, and the pixel AUROC, which counts
+  those large defects' pixels, is lower than the attribution's there.
+* ``attribution``: the score's gradient stopped at the backbone features, Grad-CAM style
+  (Selvaraju et al. 2017): g = d score / d v by an explicit backward pass through the flow
+  (:func:`flow_vjp`: the layers' own ``vjp``, plain tensor ops), map(p) =
+  ReLU( sum_t R_t^-1 sum_s <g_ts, F_ts(p)> ) / S^2, F_ts upsampled to S; dividing by S^2
+  makes it each pixel's share of the first-order score <g, v>. Where it fails: <g, F(p)> is
+  signed, and a defect that LOWERS activations the flow finds unusual gets a negative
+  attribution that the ReLU sends to zero, below the background (issue 15 reported pixel
+  AUROC 0.20 on a dark rubber texture). The default until issue 15: checkpoints saved before
+  ``map_method`` existed load with ``density``; ``set_map_method("attribution")`` gives
+  their old map back.
+* ``attribution_abs``: the magnitude of the same sum instead of its positive part (the sum is
+  rarely negative: it measured the same as ``attribution``).
+* ``attribution_centered``: <g, F(p) - mean_p F(p)>, positive part: each pixel's first-order
+  contribution relative to the image's own average. Better than ``attribution`` on the
+  synthetic data, but still signed: a dark square on a grainy dark texture scored below its
+  background (tests/test_differnet.py).
+
+The paper's map, the gradient of the score with respect to the INPUT image, is PyTorch-only:
+``torch.autograd.grad`` (and ``torch.func.grad``) inside ``forward`` do not export with the
+dynamo exporter (torch 2.14: "fake tensor in the exported program constant's list" /
+"'Tensor' object has no attribute 'constant'") and onnxruntime has no autograd, so it is
+:meth:`DifferNetDetector.gradient_map`, not a ``map_method``. Measured on the same trained
+flows (quick profile; benchmarks/differnet_maps.py, benchmarks/results/differnet_maps/),
+pixel AUROC / AUPRO / onnxruntime ms per image at batch 1:
+
+============================  =====================  =====================
+map                           synthetic (6, mean)    magnetic_tile
+============================  =====================  =====================
+``density``                   0.943 / 0.844 / 68     0.693 / 0.645 / 58
+``attribution``               0.715 / 0.309 / 32     0.760 / 0.368 / 29
+``attribution_abs``           0.715 / 0.309 / 37     0.760 / 0.368 / 31
+``attribution_centered``      0.802 / 0.539 / 38     0.733 / 0.460 / 32
+input gradient (PyTorch)      0.733 / 0.317 / -      0.632 / 0.349 / -
+============================  =====================  =====================
+
+``density`` is the default: the best AUPRO on both, the best pixel AUROC on the synthetic
+data, the only map that passes the dark-and-bright-square test by a clear margin; it costs
+about twice the attribution's time, and on magnetic_tile its pixel AUROC is 0.07 lower
+(the large "uneven" defects, above).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anomalykit.base import AnomalyOutput, Detector
-from anomalykit.errors import ConfigError
+from anomalykit.errors import ConfigError, check_choice
 from anomalykit.nn.backbone import DEFAULT_BACKBONE, Backbone, register_input_normalization
 from anomalykit.nn.coupling import AffineCoupling, FlowSequential, Permutation, subnet_fc
 from anomalykit.nn.functional import gaussian_blur
 from anomalykit.registry import register_detector
 from anomalykit.training.feature_cache import FeatureCache, augments, cache_features
+
+#: The exported map (``map_method``; module docstring, "The anomaly map").
+MapMethod = Literal["density", "attribution", "attribution_abs", "attribution_centered"]
+MAP_METHODS = ("density", "attribution", "attribution_abs", "attribution_centered")
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -118,6 +163,9 @@ class DifferNetDetector(Detector):
         train_transforms: random rotations of each image per training step (4 in the code).
         train_rotations: rotate training images (else train on the identity only).
         cache_features: let :meth:`fit` precompute the frozen features once.
+        map_method: the exported anomaly map: ``density`` (each cell's score under the flow),
+            ``attribution`` (the first-order attribution's positive part, the old map),
+            ``attribution_abs``, ``attribution_centered`` (module docstring).
         map_sigma: Gaussian smoothing of the map, in pixels of the input (0 = none).
         lr, weight_decay: Adam (2e-4 in the paper; 1e-5).
     """
@@ -130,9 +178,10 @@ class DifferNetDetector(Detector):
                  n_scales: int = 3, coupling_blocks: int = 8, fc_hidden: int | None = None,
                  fc_layers: int = 1, dropout: float = 0.0, clamp: float = 3.0,
                  n_transforms: int = 64, train_transforms: int = 4, train_rotations: bool = True,
-                 cache_features: bool = True, map_sigma: float = 4.0, lr: float = 2e-4,
-                 weight_decay: float = 1e-5) -> None:
+                 cache_features: bool = True, map_method: MapMethod = "density",
+                 map_sigma: float = 4.0, lr: float = 2e-4, weight_decay: float = 1e-5) -> None:
         super().__init__()
+        check_choice("map_method", map_method, MAP_METHODS)
         if n_scales < 1 or image_size >> (n_scales - 1) < 1:
             raise ConfigError(f"n_scales must be >= 1 and image_size / 2^(n_scales - 1) >= 1; "
                               f"got image_size={image_size}, n_scales={n_scales}")
@@ -144,6 +193,7 @@ class DifferNetDetector(Detector):
         self.image_size, self.n_scales, self.n_transforms = image_size, n_scales, n_transforms
         self.train_transforms, self.train_rotations = train_transforms, train_rotations
         self.cache_features, self.map_sigma = cache_features, map_sigma
+        self.map_method = map_method
         self.lr, self.weight_decay = lr, weight_decay
         # Building a Backbone draws from the global RNG, and the first one in a process draws more
         # (it also resolves the weights): fork it, so the flow's initialisation depends on the
@@ -268,29 +318,84 @@ class DifferNetDetector(Detector):
         return train, None if val_data is None else self.cache(val_data, **options)
 
     # -- inference -------------------------------------------------------------------------
+    def set_map_method(self, map_method: MapMethod) -> None:
+        """Switch the map of a trained model (no retraining: score and flow are unchanged).
+
+        Updates ``config`` too, so a checkpoint or export made afterwards records the method.
+        ``pixel_threshold_`` belongs to the old map: :meth:`calibrate` again before exporting.
+        """
+        check_choice("map_method", map_method, MAP_METHODS)
+        self.map_method = map_method
+        self.config["map_method"] = map_method
+
     def forward(self, images: Tensor) -> AnomalyOutput:
         """images (B, 3, S, S) in [0, 1] -> score (B,), anomaly_map (B, 1, S, S)."""
-        b, t, size = images.shape[0], self.n_transforms, self.image_size
+        b, t = images.shape[0], self.n_transforms
         maps = self.feature_maps(self.transform_all(images))
         features = self.pool(maps)
         z, _ = self.flow(features)
         score = z.pow(2).mean(1).view(t, b).mean(0)
-        # d score / d features, by an explicit (exportable) backward pass through the flow.
-        grad = flow_vjp(self.flow, features, z * (2.0 / (self.dim * t)))
-        heat, offset = images.new_zeros(t * b, 1, size, size), 0
-        for m in maps:
-            channels = m.shape[1]
-            cam = (m * grad[:, offset:offset + channels, None, None]).sum(1, keepdim=True)
-            heat = heat + F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
-            offset += channels
-        heat = heat.view(t, b, 1, size, size)
+        if self.map_method == "density":
+            heat = self.density_maps(maps)
+        else:
+            heat = self.attribution_maps(maps, features, z)
+        heat = heat.view(t, b, 1, self.image_size, self.image_size)
         amap = self._rotate(heat[0], 0, inverse=True)
         for i in range(1, t):
             amap = amap + self._rotate(heat[i], i, inverse=True)
-        # Each pixel's share of the first-order score <d score / d features, features>: the map
-        # sums to about that over the image (before the ReLU), whatever the image size.
-        amap = amap.clamp_min(0.0) / (size * size)
+        if self.map_method == "density":
+            amap = amap / t
+        elif self.map_method == "attribution_abs":
+            amap = amap.abs()
+        else:
+            amap = amap.clamp_min(0.0)
         return AnomalyOutput(score, gaussian_blur(amap, self.map_sigma))
+
+    def attribution_maps(self, maps: list[Tensor], features: Tensor, z: Tensor) -> Tensor:
+        """Signed first-order attribution per transformed image: (T * B, 1, S, S).
+
+        <d score / d v, F(p)> summed over scales (minus the image's own average F for
+        ``attribution_centered``), upsampled to S and divided by S^2: each pixel's share of
+        the first-order score <d score / d v, v> (module docstring).
+        """
+        size = self.image_size
+        # d score / d features, by an explicit (exportable) backward pass through the flow.
+        grad = flow_vjp(self.flow, features, z * (2.0 / (self.dim * self.n_transforms)))
+        centered = self.map_method == "attribution_centered"
+        heat, offset = 0.0, 0
+        for m in maps:
+            channels = m.shape[1]
+            feature = m - m.mean(dim=(2, 3), keepdim=True) if centered else m
+            cam = (feature * grad[:, offset:offset + channels, None, None]).sum(1, keepdim=True)
+            heat = heat + F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
+            offset += channels
+        return heat / (size * size)
+
+    def density_maps(self, maps: list[Tensor]) -> Tensor:
+        """Each cell's own score under the flow, per transformed image: (T * B, 1, S, S).
+
+        The flow knows whole-image averages only, so a single position's features are far
+        outside what it was trained on (their raw scores reach 1e16 and saturate on the image
+        border). Instead, each cell is pasted into the flow's centre c = f^-1(0), the pooled
+        features of the most typical good image, at the weight a = 1 / (h w) of one cell of
+        the finest map: v(p) = c + a (F(p) - c), F(p) the (D,) features of every scale at p
+        (coarser maps upsampled to the finest grid). The map is the score mean(z^2) of v(p):
+        how anomalous a good image would be with this one cell in it. To first order
+        z = a J (F(p) - c), J the flow's Jacobian at c, so the map is a^2 / D times the squared
+        Mahalanobis distance of F(p) from c under the Gaussian the flow puts at its centre: any
+        direction away from the good features raises it, whatever the sign of the change.
+        """
+        height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+        cells = torch.cat([m if m.shape[-2:] == (height, width) else
+                           F.interpolate(m, size=(height, width), mode="bilinear",
+                                         align_corners=False) for m in maps], dim=1)
+        n = cells.shape[0]
+        centre = self.flow.inverse(cells.new_zeros(1, self.dim)).view(1, 1, self.dim)
+        pasted = centre + (cells.flatten(2).transpose(1, 2) - centre) / (height * width)
+        z, _ = self.flow(pasted.reshape(n * height * width, self.dim))
+        heat = z.pow(2).mean(1).view(n, 1, height, width)
+        size = self.image_size
+        return F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)
 
     def gradient_map(self, images: Tensor) -> Tensor:
         """The paper's map, PyTorch only: |d score / d image| summed over channels, smoothed.
