@@ -179,6 +179,26 @@ def test_parity_failure_raises_and_writes_nothing(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_check_allows_the_detector_s_own_tolerance(tmp_path, monkeypatch):
+    """A detector whose inference amplifies rounding (AnoGAN's unrolled search) sets
+    export_tolerance; an explicit tolerance still wins."""
+    def parity(wrapper, session, images):
+        diffs = dict.fromkeys(OUTPUT_NAMES, 0.0) | {"score": 1e-5, "anomaly_map": 2e-3}
+        return diffs, {"score": 1.0, "anomaly_map": 1.0}
+
+    monkeypatch.setattr(export_module, "_parity", parity)
+    detector = make_detector()
+    with pytest.raises(ExportError, match=r"anomaly_map 0\.002 \(allowed 0\.0001\)"):
+        export_onnx(detector, tmp_path / "a.onnx")
+    detector.export_tolerance = 1e-2
+    export_onnx(detector, tmp_path / "b.onnx")
+    with pytest.raises(ExportError, match=r"allowed 0\.001\)"):
+        export_onnx(detector, tmp_path / "c.onnx", tolerance=1e-3)
+    assert registry.get_class("anogan").export_tolerance == 1e-2
+    assert all(registry.get_class(name).export_tolerance == 1e-4
+               for name in registry.list_detectors() if name != "anogan")
+
+
 def test_uncalibrated_export_warns_and_leaves_model_untouched(tmp_path):
     detector = TinyDetector().train()
     before = {k: v.clone() for k, v in detector.state_dict().items()}

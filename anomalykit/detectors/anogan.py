@@ -38,7 +38,10 @@ Differences from the paper, on purpose:
   the backward passes through G and D are written out as explicit vector-Jacobian products
   (:func:`anomalykit.nn.vjp.sequential_vjp`: conv -> transposed conv and back, BatchNorm's
   running-statistics scale, activation derivatives). The L1 terms' gradient is their sign.
-  The exported graph matches PyTorch to float error (tests/test_contracts.py).
+  The exported graph computes the same search, but the search amplifies float rounding
+  (``export_tolerance``): on a trained 64 px model the maps of onnxruntime and PyTorch were
+  1.8e-3 apart after 10 steps (1e-7 before the search), the scores 1.3e-5; the export check
+  allows 1e-2 for AnoGAN instead of the toolkit's 1e-4.
 * The step is scaled per image by the first gradient's norm (:meth:`AnoGANDetector.search`):
   the raw gradient of L changes scale by orders of magnitude with the image size and the
   training state, so one plain step size that suits one model diverges on another
@@ -52,7 +55,8 @@ Measured (quick profile, ``anomalykit benchmark --detectors anogan ... --threads
 --seed 0``; configs/anogan/quick.yaml has the commands): image AUROC grass 0.816, pill 0.397,
 magnetic_tile 0.570 (pixel AUROC 0.646, 0.166, 0.582). A baseline; on pill (a centred object
 with small defects) the image score ranks defects below good images. On a trained 64 px
-magnetic_tile model onnxruntime matches PyTorch to 6e-8 (score) and 5e-7 (map).
+magnetic_tile model onnxruntime matched PyTorch to 6e-8 (score) and 5e-7 (map); on
+synthetic gravel and washer the maps were up to 2e-3 apart (``export_tolerance``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,12 @@ class AnoGANDetector(Detector):
     """
 
     manual_optimization = True
+    # The unrolled search amplifies float rounding: onnxruntime and PyTorch, 1e-7 apart on
+    # the map before the search, were 1e-5 apart after 3 steps and 1.8e-3 after 10 on a
+    # trained 64 px model (synthetic gravel, quick profile; ReLU/LeakyReLU derivatives and
+    # the L1 terms' sign flip where rounding moves a value across 0, and each step carries
+    # the difference on). The score stayed within 1.3e-5.
+    export_tolerance = 1e-2
 
     def __init__(self, image_size: int = 64, *, latent_dim: int = 100, width: int = 64,
                  max_width: int = 512, loss: AdversarialLoss = "non_saturating",

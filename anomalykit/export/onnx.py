@@ -263,7 +263,7 @@ def _check(path: str, wrapper: InferenceWrapper, example: Tensor, tolerance: flo
 
 def export_onnx(detector: nn.Module, path: str | os.PathLike, *, opset: int = 18,
                 example_size: int | None = None, metadata: dict[str, Any] | None = None,
-                check: bool = True, tolerance: float = 1e-4, verbose: bool = False) -> Path:
+                check: bool = True, tolerance: float | None = None, verbose: bool = False) -> Path:
     """Write ``detector`` wrapped in :class:`InferenceWrapper` to ONE ONNX file, atomically.
 
     detector: a :class:`~anomalykit.base.Detector` (any device/dtype; a float32 CPU copy is
@@ -273,12 +273,14 @@ def export_onnx(detector: nn.Module, path: str | os.PathLike, *, opset: int = 18
     metadata: extra ``metadata_props`` (non-string values are JSON-encoded).
     check: run ``onnx.checker`` and compare onnxruntime with PyTorch on random frames;
         raise :class:`ExportError` if score or map differ by more than ``tolerance``
-        (times the output's magnitude when that exceeds 1). Nothing is written on failure.
+        (times the output's magnitude when that exceeds 1; default: the detector's
+        ``export_tolerance``, 1e-4 for all but AnoGAN). Nothing is written on failure.
     Returns the path written.
     """
     if not hasattr(detector, "image_size") or not hasattr(detector, "threshold_"):
         raise ConfigError(f"{type(detector).__name__} is not a Detector "
                           "(needs image_size and calibration buffers)")
+    limit = getattr(detector, "export_tolerance", 1e-4) if tolerance is None else tolerance
     props = build_metadata(detector, opset=opset, metadata=metadata)
     if props["calibrated"] != "true":
         warnings.warn(f"exporting an uncalibrated {props['detector']} detector: label and "
@@ -305,7 +307,7 @@ def export_onnx(detector: nn.Module, path: str | os.PathLike, *, opset: int = 18
         # mkstemp creates 0600 files; a model is shipped to other users and containers.
         os.chmod(tmp, 0o644)
         if check:
-            _check(tmp, wrapper, example, tolerance)
+            _check(tmp, wrapper, example, limit)
 
     return atomic_write(path, write)
 
