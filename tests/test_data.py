@@ -517,3 +517,21 @@ assert read_image({str(image)!r}).shape == (24, 32, 3)
     env = {**os.environ, "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_image_grid_lays_out_channels_first_or_last_and_grey(tmp_path):
+    from anomalykit.data.io import image_grid, read_image, write_png
+
+    images = np.zeros((5, 3, 4, 6), np.float32)
+    images[1] = 1.0  # the second tile white
+    grid = image_grid(images, nrow=3, pad=1, background=0)
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 3) and grid.dtype == np.uint8
+    assert (grid[1:5, 8:14] == 255).all() and grid[1:5, 1:7].max() == 0
+    np.testing.assert_array_equal(image_grid(images.transpose(0, 2, 3, 1), nrow=3, pad=1,
+                                             background=0), grid)
+    grey = image_grid(images[:, :1], nrow=3, pad=1, background=0)
+    np.testing.assert_array_equal(grey, grid)
+    path = write_png(tmp_path / "grid.png", grid)
+    np.testing.assert_array_equal(read_image(path), grid)
+    with pytest.raises(DataError, match="image_grid needs"):
+        image_grid(np.zeros((2, 3)))

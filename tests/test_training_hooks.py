@@ -43,6 +43,9 @@ class Recon(Estimator):
     def on_after_optimizer_step(self, step):
         self.calls.append(("after", step))
 
+    def on_train_epoch_end(self, epoch, epochs, *, out_dir=None):
+        self.calls.append(("epoch_end", epoch, epochs, out_dir))
+
     def on_fit_end(self, train_data):
         self.calls.append(("end", len(train_data)))
 
@@ -64,6 +67,21 @@ def test_hooks_are_called_in_order_with_the_right_data():
     assert [c[1] for c in model.calls if c[0] == "after"] == [1, 2, 3, 4]
     assert model.calls[-1] == ("end", 16)  # the ORIGINAL train data
     assert history["setup_seconds"] >= 0 and history["seconds"] >= history["setup_seconds"]
+    ends = [c for c in model.calls if c[0] == "epoch_end"]
+    assert ends == [("epoch_end", 0, 2, None), ("epoch_end", 1, 2, None)]
+    assert model.calls.index(ends[0]) < model.calls.index(steps[2])  # after epoch 0's steps
+
+
+def test_epoch_end_gets_the_run_folder_and_the_bar_shows_every_loss(tmp_path):
+    from anomalykit.training.trainer import loss_info
+
+    model = Recon()
+    fit(model, data(8), epochs=1, batch_size=4, progress=False, device="cpu", out_dir=tmp_path)
+    assert [c[3] for c in model.calls if c[0] == "epoch_end"] == [tmp_path]
+    # "loss" first, then the other players' losses, at most four
+    logs = {"d_loss": 0.5, "loss": 1.25, "g_loss": 0.75, "adv": 1.0, "con": 2.0}
+    assert loss_info(logs) == "loss 1.25 d_loss 0.5 g_loss 0.75 adv 1"
+    assert loss_info({"d_loss": 0.5}) == "d_loss 0.5"
 
 
 @pytest.mark.parametrize("interval, scheduler_steps", [("epoch", 3), ("step", 6)])
