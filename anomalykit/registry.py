@@ -42,6 +42,8 @@ _MODULES = (
     "anomalykit.detectors.anogan",
     "anomalykit.detectors.fanogan",
     "anomalykit.detectors.ganomaly",
+    "anomalykit.detectors.patchcore",
+    "anomalykit.detectors.padim",
 )
 _loaded = False
 

@@ -52,6 +52,8 @@ def test_builds_and_forward_shapes(name):
 # buffers instead. A new closed-form detector must add its own entry.
 CLOSED_FORM_FITTED_BUFFERS = {
     "pca": ["pca.mean_", "pca.components_", "pca.explained_variance_"],
+    "patchcore": ["memory_bank"],
+    "padim": ["channel_indices_", "mean_", "inv_covariance_"],
 }
 
 
