@@ -206,8 +206,8 @@ def test_validation_does_not_step_and_samples_are_written(tmp_path):
     history = fit(detector, images, val_data=images, epochs=2, batch_size=4, device="cpu",
                   progress=False, out_dir=tmp_path)
     assert np.isfinite(history["val_loss"]).all()
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_0001.png",
-                                                                          "epoch_0002.png"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_001.png",
+                                                                          "epoch_002.png"]
 
 
 @pytest.mark.parametrize("options, message", [

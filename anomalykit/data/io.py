@@ -22,7 +22,7 @@ from anomalykit.errors import DataError
 from anomalykit.export.runtime import decode_image
 
 __all__ = ["IMAGE_EXTENSIONS", "decode_image", "image_grid", "is_image_file", "read_image", "read_mask",
-           "write_png"]
+           "write_epoch_picture", "write_png"]
 
 #: File extensions treated as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -150,3 +150,18 @@ def image_grid(images, nrow: int = 8, *, pad: int = 2, background: int = 255) ->
         y, x = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
         grid[y:y + h, x:x + w] = pixels[i]
     return grid
+
+
+def write_epoch_picture(out_dir: str | os.PathLike[str] | None, epoch: int, epochs: int,
+                        every: int, picture) -> Path | None:
+    """A generative model's picture of one epoch: ``out_dir/samples/epoch_{epoch+1:03d}.png``.
+
+    Written every ``every`` epochs and after the last one (``every`` <= 0: never), only with an
+    ``out_dir``. ``picture``: a callable returning the (H, W, 3) uint8 image (e.g. an
+    :func:`image_grid` of samples), called only when something is written. Returns the path
+    written, or None.
+    """
+    last = epoch + 1 == epochs
+    if out_dir is None or every <= 0 or not (last or (epoch + 1) % every == 0):
+        return None
+    return write_png(Path(out_dir) / "samples" / f"epoch_{epoch + 1:03d}.png", picture())

@@ -61,7 +61,6 @@ synthetic gravel and washer the maps were up to 2e-3 apart (``export_tolerance``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,7 +105,7 @@ class AnoGANDetector(Detector):
         map_sigma: Gaussian smoothing of the map, in pixels of the input (0 = none).
         lr, beta1: Adam for both players (2e-4, 0.5: DCGAN).
         sample_every: with an output folder, write a grid of 16 samples every this many
-            epochs and after the last (``samples/epoch_XXXX.png``; 0 = never).
+            epochs and after the last (``samples/epoch_XXX.png``; 0 = never).
     """
 
     manual_optimization = True
@@ -170,16 +169,15 @@ class AnoGANDetector(Detector):
     @torch.no_grad()
     def on_train_epoch_end(self, epoch: int, epochs: int, *, out_dir: Any = None) -> None:
         """Write a grid of samples (fixed codes) now and then: a collapsed GAN still has a loss."""
-        last = epoch + 1 == epochs
-        if out_dir is None or self.sample_every <= 0 or not (last or (epoch + 1) % self.sample_every == 0):
-            return
-        from anomalykit.data.io import image_grid, write_png
+        from anomalykit.data.io import image_grid, write_epoch_picture
 
-        z = torch.randn(16, self.latent_dim, generator=torch.Generator().manual_seed(0))
-        samples, _ = sequential_forward(self.generator.net,
-                                        z.to(self.device).view(16, self.latent_dim, 1, 1))
-        write_png(Path(out_dir) / "samples" / f"epoch_{epoch + 1:04d}.png",
-                  image_grid(from_tanh_range(samples), nrow=4))
+        def picture():
+            z = torch.randn(16, self.latent_dim, generator=torch.Generator().manual_seed(0))
+            samples, _ = sequential_forward(self.generator.net,
+                                            z.to(self.device).view(16, self.latent_dim, 1, 1))
+            return image_grid(from_tanh_range(samples), nrow=4)
+
+        write_epoch_picture(out_dir, epoch, epochs, self.sample_every, picture)
 
     # -- inference -------------------------------------------------------------------------
     def search_loss(self, x: Tensor, features_x: Tensor, z: Tensor, with_grad: bool = True,

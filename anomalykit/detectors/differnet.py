@@ -105,7 +105,7 @@ from anomalykit.base import AnomalyOutput, Detector
 from anomalykit.errors import ConfigError, check_choice
 from anomalykit.nn.backbone import DEFAULT_BACKBONE, Backbone, register_input_normalization
 from anomalykit.nn.coupling import AffineCoupling, FlowSequential, Permutation, subnet_fc
-from anomalykit.nn.functional import gaussian_blur
+from anomalykit.nn.functional import concat_on_grid, gaussian_blur
 from anomalykit.registry import register_detector
 from anomalykit.training.feature_cache import FeatureCache, augments, cache_features
 
@@ -385,10 +385,8 @@ class DifferNetDetector(Detector):
         Mahalanobis distance of F(p) from c under the Gaussian the flow puts at its centre: any
         direction away from the good features raises it, whatever the sign of the change.
         """
-        height, width = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
-        cells = torch.cat([m if m.shape[-2:] == (height, width) else
-                           F.interpolate(m, size=(height, width), mode="bilinear",
-                                         align_corners=False) for m in maps], dim=1)
+        cells = concat_on_grid(maps)
+        height, width = cells.shape[-2:]
         n = cells.shape[0]
         centre = self.flow.inverse(cells.new_zeros(1, self.dim)).view(1, 1, self.dim)
         pasted = centre + (cells.flatten(2).transpose(1, 2) - centre) / (height * width)

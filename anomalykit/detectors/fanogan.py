@@ -204,11 +204,7 @@ class FAnoGANDetector(Detector):
                                     loss="wgan_gp", step=self.global_step,
                                     latent_dim=self.latent_dim, n_critic=self.n_critic,
                                     gp_weight=self.gp_weight, monitor=self.monitor)
-            # adversarial_step's d_loss = D(fake) - D(real) + gp_weight x gp: recover the penalty.
-            gp = ((logs["d_loss"] - (logs["d_fake"] - logs["d_real"])) / self.gp_weight
-                  if self.gp_weight > 0 else torch.zeros_like(logs["d_loss"]))
-            return {"loss": logs["loss"], "d_loss": logs["d_loss"], "g_loss": logs["g_loss"],
-                    "gp": gp}
+            return {k: logs[k] for k in ("loss", "d_loss", "g_loss", "gp")}
         # Phase 2: G and D frozen, G in inference mode (its BatchNorm statistics stay as phase 1
         # left them, and E learns the generator it will be scored with).
         self.generator.eval()

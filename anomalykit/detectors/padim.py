@@ -38,7 +38,7 @@ from anomalykit.nn.backbone import (
     Backbone,
     register_input_normalization,
 )
-from anomalykit.nn.functional import gaussian_blur, reduce_map
+from anomalykit.nn.functional import concat_on_grid, gaussian_blur, reduce_map
 from anomalykit.registry import register_detector
 
 FeatureUpsample = Literal["nearest", "bilinear"]
@@ -150,10 +150,7 @@ class PaDiMDetector(Detector):
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, P, D): the selected channels of the concatenated stages."""
         features = self.backbone(self.normalize_input(images))
-        options = {"align_corners": False} if self.feature_upsample == "bilinear" else {}
-        stacked = torch.cat([f if tuple(f.shape[-2:]) == self.grid_size else
-                             F.interpolate(f, size=self.grid_size, mode=self.feature_upsample, **options)
-                             for f in features], dim=1)
+        stacked = concat_on_grid(features, self.grid_size, mode=self.feature_upsample)
         selected = stacked.index_select(1, self.channel_indices_)
         return selected.flatten(2).transpose(1, 2)
 

@@ -44,7 +44,7 @@ from anomalykit.nn.backbone import (
     register_input_normalization,
 )
 from anomalykit.nn.coreset import greedy_coreset, random_projection
-from anomalykit.nn.functional import gaussian_blur
+from anomalykit.nn.functional import concat_on_grid, gaussian_blur
 from anomalykit.registry import register_detector
 
 
@@ -147,15 +147,10 @@ class PatchCoreDetector(Detector):
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, D, H, W) locally aware patch features on the first stage's grid."""
         stages = self.backbone(self.normalize_input(images))
-        size = stages[0].shape[-2:]
         pad = self.patch_size // 2
-        pooled = []
-        for f in stages:
-            f = F.avg_pool2d(f, self.patch_size, stride=1, padding=pad) if self.patch_size > 1 else f
-            if f.shape[-2:] != size:
-                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-            pooled.append(f)
-        features = torch.cat(pooled, 1)
+        pooled = [F.avg_pool2d(f, self.patch_size, stride=1, padding=pad) if self.patch_size > 1
+                  else f for f in stages]
+        features = concat_on_grid(pooled, tuple(stages[0].shape[-2:]))
         if self.channel_pooling is not None:
             features = torch.einsum("bchw,cd->bdhw", features, self.channel_pooling)
         return features

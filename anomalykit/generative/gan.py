@@ -167,11 +167,9 @@ class AdversarialModel(GenerativeModel):
     def on_train_epoch_end(self, epoch: int, epochs: int, *, out_dir: Path | None = None) -> None:
         """Write ``out_dir/samples/epoch_{epoch+1:03d}.png`` every ``grid_every`` epochs and
         after the last one."""
-        if out_dir is None or ((epoch + 1) % self.grid_every and epoch + 1 != epochs):
-            return
-        from anomalykit.data.io import write_png
+        from anomalykit.data.io import write_epoch_picture
 
-        write_png(Path(out_dir) / "samples" / f"epoch_{epoch + 1:03d}.png", self.sample_grid())
+        write_epoch_picture(out_dir, epoch, epochs, self.grid_every, self.sample_grid)
 
 
 def _store_adversarial(model: AdversarialModel, *, loss, n_critic, gp_weight, clip, lr, betas,

@@ -156,15 +156,19 @@ def adversarial_step(generator: nn.Module, discriminator: nn.Module, real: Tenso
     step (WGAN). Codes are drawn from the global RNG (the loop seeds it per epoch), so a run
     is reproducible. Returns detached logs: ``d_loss``, ``g_loss`` (on steps without a
     generator update, its loss against the critic it faced), ``d_real``, ``d_fake`` (mean
-    outputs) and ``loss`` = d_loss + g_loss (what the loop's progress bar shows first).
+    outputs), ``gp`` (the unweighted penalty, ``wgan_gp`` only) and ``loss`` = d_loss + g_loss
+    (what the loop's progress bar shows first).
     """
     opt_g, opt_d = optimizers
     z = torch.randn(real.shape[0], latent_dim, device=real.device, dtype=real.dtype)
     fake = generator(z)
     d_real, d_fake = discriminator(real), discriminator(fake.detach())
     d_loss = discriminator_loss(d_real, d_fake, loss)
+    logs: dict[str, Tensor] = {}
     if loss == "wgan_gp":
-        d_loss = d_loss + gp_weight * gradient_penalty(discriminator, real, fake)
+        penalty = gradient_penalty(discriminator, real, fake)
+        d_loss = d_loss + gp_weight * penalty
+        logs["gp"] = penalty.detach()
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -182,4 +186,4 @@ def adversarial_step(generator: nn.Module, discriminator: nn.Module, real: Tenso
         monitor.update(d_loss.detach(), real, fake.detach())
     return {"loss": d_loss.detach() + g_loss.detach(), "d_loss": d_loss.detach(),
             "g_loss": g_loss.detach(), "d_real": d_real.detach().mean(),
-            "d_fake": d_fake.detach().mean()}
+            "d_fake": d_fake.detach().mean(), **logs}

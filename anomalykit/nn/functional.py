@@ -30,6 +30,22 @@ def reduce_map(amap: Tensor, how: MapReduction = "max") -> Tensor:
     return flat.amax(1) if how == "max" else flat.mean(1)
 
 
+def concat_on_grid(maps: list[Tensor], size: tuple[int, int] | None = None, *,
+                   mode: Literal["bilinear", "nearest"] = "bilinear") -> Tensor:
+    """Feature maps of several backbone stages -> one (B, sum C_i, H, W) map on one grid.
+
+    maps: (B, C_i, H_i, W_i); ``size`` (H, W) defaults to the finest (largest) map's. Maps of
+    another size are resized (bilinear without corner alignment, or nearest), others are kept
+    as they are. PaDiM's embedding, PatchCore's patches, DifferNet's density cells.
+    """
+    if size is None:
+        size = (max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps))
+    check_choice("mode", mode, ("bilinear", "nearest"))
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    return torch.cat([m if tuple(m.shape[-2:]) == tuple(size) else
+                      F.interpolate(m, size=tuple(size), mode=mode, **options) for m in maps], dim=1)
+
+
 def gaussian_kernel1d(sigma: float, *, radius: int | None = None, dtype=torch.float32) -> Tensor:
     """(2r+1,) normalised Gaussian; r defaults to ceil(4 sigma) like scipy.ndimage."""
     if radius is None:
