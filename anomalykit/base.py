@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -66,6 +67,9 @@ class Estimator(nn.Module):
     manual_optimization: bool = False
     # Closed-form models (PCA, GMM) set this and implement solve/per_sample_loss.
     closed_form: bool = False
+    # A closed-form model whose solve is torch-only sets this: the loop runs solve on its
+    # device (GPU) instead of the CPU.
+    solve_on_device: bool = False
     # Steps done so far; set by the training loop (warm-up, schedules).
     global_step: int = 0
 
@@ -174,8 +178,13 @@ class Estimator(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement configure_optimizers")
 
     # -- closed-form models (closed_form = True) -------------------------------------------
-    def solve(self, images: Tensor, *, seed: int) -> None:
-        """Fit in one pass on every training image at once ((N, ...) on the CPU)."""
+    def solve(self, images: Tensor, *, seed: int,
+              progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Fit in one pass on every training image at once ((N, ...) on the CPU).
+
+        ``progress(stage, done, total)``, when given, reports a long solve's progress (the
+        loop's progress bar shows it).
+        """
         raise NotImplementedError(f"{type(self).__name__} sets closed_form but has no solve")
 
     def per_sample_loss(self, images: Tensor) -> Tensor:

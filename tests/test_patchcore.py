@@ -31,16 +31,17 @@ def naive_k_center(x: torch.Tensor, k: int, start: int) -> list[int]:
     return picks
 
 
+@pytest.mark.parametrize("pool_size", [1, 7, 64, 1024])
 @pytest.mark.parametrize("shape", [(400, 2), (600, 16), (300, 64)])
-def test_coreset_matches_naive_greedy_order(shape):
+def test_coreset_matches_naive_greedy_order(shape, pool_size):
     g = torch.Generator().manual_seed(shape[1])
-    # clustered data (where the pruning skips most points) with varied scales
+    # clustered data with varied scales; small pools force many rounds and their bound checks
     centres = torch.randn(12, shape[1], generator=g, dtype=torch.float64) * 4
     x = centres[torch.randint(12, (shape[0],), generator=g)]
     x = x + torch.randn(shape, generator=g, dtype=torch.float64) * torch.rand(shape[0], 1, generator=g,
                                                                                    dtype=torch.float64)
     k = shape[0] // 4
-    picks = greedy_coreset(x, k, start=5)
+    picks = greedy_coreset(x, k, start=5, pool_size=pool_size)
     assert picks.tolist() == naive_k_center(x, k, 5)
     assert len(set(picks.tolist())) == k
 
@@ -58,6 +59,12 @@ def test_coreset_covers_and_is_seeded():
     assert coreset_coverage(x, random_subset)[-1] > radius[-1]
     with pytest.raises(ConfigError, match="k must be"):
         greedy_coreset(x, 0)
+    with pytest.raises(ConfigError, match="pool_size"):
+        greedy_coreset(x, 5, pool_size=0)
+    seen = []
+    assert torch.equal(greedy_coreset(x, 200, seed=3, pool_size=16,
+                                      progress=lambda done, k: seen.append((done, k))), picks)
+    assert seen[-1] == (200, 200) and [d for d, _ in seen] == sorted({d for d, _ in seen})
 
 
 def test_random_projection_is_seeded_and_keeps_distances():

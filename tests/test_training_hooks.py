@@ -204,6 +204,40 @@ def test_closed_form_needs_solve():
         fit(NoSolve(), data(), progress=False)
 
 
+def test_closed_form_solve_reports_progress_and_the_train_loss_is_on_a_subset(monkeypatch):
+    """solve gets the progress callback; the history's train loss covers an evenly spaced
+    subset of at most CLOSED_FORM_TRAIN_LOSS_IMAGES training images."""
+    import anomalykit.training.trainer as trainer
+
+    class MeanModel(Estimator):
+        closed_form = True
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(()))
+            self.reports, self.loss_inputs = [], 0
+
+        def solve(self, images, *, seed, progress=None):
+            for done in (5, 10):
+                progress("stage", done, 10)
+                self.reports.append(done)
+            self.mean.fill_(float(images.mean()))
+
+        def per_sample_loss(self, images):
+            self.loss_inputs += len(images)
+            return (images.flatten(1).mean(1) - self.mean).abs()
+
+    monkeypatch.setattr(trainer, "CLOSED_FORM_TRAIN_LOSS_IMAGES", 6)
+    model = MeanModel()
+    history = fit(model, data(40), data(4, seed=1), batch_size=8, progress=False)
+    assert model.reports == [5, 10]
+    assert history["train_loss_images"] == 6 and model.loss_inputs == 6 + 4
+    images = data(40)
+    subset = images[torch.linspace(0, 39, 6).round().long()]
+    expected = (subset.flatten(1).mean(1) - images.mean()).abs().mean()
+    assert history["train_loss"][0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_no_model_overrides_fit():
     import anomalykit.registry as registry
 

@@ -107,6 +107,7 @@ class PaDiMDetector(Detector):
     """
 
     closed_form = True
+    solve_on_device = True
     checkpoint_load_overrides = {"backbone_weights": RANDOM_WEIGHTS}
 
     def __init__(self, image_size: int = 256, *, backbone: str = DEFAULT_BACKBONE,
@@ -181,12 +182,13 @@ class PaDiMDetector(Detector):
 
     # -- closed-form fit ------------------------------------------------------------------
     @torch.no_grad()
-    def solve(self, images: Tensor, *, seed: int) -> None:
+    def solve(self, images: Tensor, *, seed: int, progress=None) -> None:
         """Fit every position's Gaussian on all good training images (N, 3, S, S) (the loop's hook).
 
         The channel subset is drawn from ``seed``. Sums are accumulated in float64 over
         batches of ``solve_batch_size`` images, shifted by the first batch's mean so the
-        sum-of-squares formula does not cancel catastrophically.
+        sum-of-squares formula does not cancel catastrophically. ``progress(stage, done,
+        total)`` is called after each batch (the loop's progress bar).
         """
         if len(images) == 0:
             raise DataError("PaDiM needs at least one training image")
@@ -195,6 +197,7 @@ class PaDiMDetector(Detector):
         self.channel_indices_.copy_(indices)
         dims = len(indices)
         shift = sum_x = sum_outer = None
+        done = 0
         for batch in images.split(self.solve_batch_size):
             x = self.embed(batch.to(self.device)).cpu().double()  # (b, P, D)
             if shift is None:
@@ -205,6 +208,9 @@ class PaDiMDetector(Detector):
             sum_x += x.sum(1)
             # sum_i x_i x_i^T per position, accumulated in place: no (P, D, D) temporary per batch.
             sum_outer.baddbmm_(x.transpose(1, 2), x)
+            done += len(batch)
+            if progress is not None:
+                progress("features", done, len(images))
         mean, inverse = inverse_covariance(sum_x, sum_outer, len(images), self.covariance_eps)
         self.mean_.copy_((mean + shift).float())
         self.inv_covariance_.copy_(inverse.float())

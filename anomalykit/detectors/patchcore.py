@@ -103,6 +103,7 @@ class PatchCoreDetector(Detector):
     """
 
     closed_form = True
+    solve_on_device = True
     checkpoint_load_overrides = {"backbone_weights": RANDOM_WEIGHTS}
 
     def __init__(self, image_size: int = 256, *, backbone: str = DEFAULT_BACKBONE,
@@ -165,10 +166,17 @@ class PatchCoreDetector(Detector):
 
     # -- fit --------------------------------------------------------------------------------
     @torch.no_grad()
-    def training_patches(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) -> (N * H * W, D) every patch feature, backbone run in ``fit_batch_size`` batches."""
-        out = [self.embed(chunk).permute(0, 2, 3, 1).reshape(-1, self.feature_dim)
-               for chunk in images.split(self.fit_batch_size)]
+    def training_patches(self, images: Tensor, progress=None) -> Tensor:
+        """(N, 3, S, S) -> (N * H * W, D) every patch feature, backbone run in ``fit_batch_size`` batches.
+
+        ``progress(stage, done, total)`` is called after each batch (the loop's progress bar).
+        """
+        out = []
+        for chunk in images.split(self.fit_batch_size):
+            features = self.embed(chunk.to(self.memory_bank.device))
+            out.append(features.permute(0, 2, 3, 1).reshape(-1, self.feature_dim))
+            if progress is not None:
+                progress("features", min(len(out) * self.fit_batch_size, len(images)), len(images))
         return torch.cat(out)
 
     def bank_size(self, n_patches: int) -> int:
@@ -177,12 +185,17 @@ class PatchCoreDetector(Detector):
         return min(k, self.max_bank_size or k, n_patches)
 
     @torch.no_grad()
-    def solve(self, images: Tensor, *, seed: int) -> None:
-        """Closed-form fit: memory bank = greedy coreset of all training patches (the loop's hook)."""
-        patches = self.training_patches(images.to(self.memory_bank.device))
+    def solve(self, images: Tensor, *, seed: int, progress=None) -> None:
+        """Closed-form fit: memory bank = greedy coreset of all training patches (the loop's hook).
+
+        Runs on the detector's device (the loop keeps it there: ``solve_on_device``);
+        ``progress(stage, done, total)`` reports the feature pass and then the coreset picks.
+        """
+        patches = self.training_patches(images, progress)
         k = self.bank_size(len(patches))
         projected = random_projection(patches, self.projection_dim, seed=seed)
-        picks = greedy_coreset(projected, k, seed=seed)
+        report = None if progress is None else (lambda done, total: progress("coreset", done, total))
+        picks = greedy_coreset(projected, k, seed=seed, progress=report)
         self.memory_bank = patches[picks].contiguous()
 
     @torch.no_grad()

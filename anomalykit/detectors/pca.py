@@ -67,7 +67,7 @@ class PCADetector(Detector):
         """(B, 3, w, w) prepared images -> (B, 1, w, w) squared reconstruction error."""
         return (x - self.pca.reconstruct(x)).pow(2).mean(dim=1, keepdim=True)
 
-    def solve(self, images: Tensor, *, seed: int) -> None:
+    def solve(self, images: Tensor, *, seed: int, progress=None) -> None:
         """Closed-form fit of the PCA on every good training image at once (the loop's hook)."""
         self.pca.fit_tensor(self.prepare(images))
 

@@ -90,7 +90,7 @@ class GaussianMixtureModel(GenerativeModel):
     # -- fitting -----------------------------------------------------------------------------
     # ``fit`` (the toolkit's, on a Dataset / DataLoader / tensor (N, D) of items
     # ``{"image": x}``, x a vector or anything, flattened) collects the data and calls these.
-    def solve(self, images: Tensor, *, seed: int) -> None:
+    def solve(self, images: Tensor, *, seed: int, progress=None) -> None:
         """EM on every training sample at once (the loop's hook); ``seed`` seeds the initialisation."""
         self.fit_tensor(images, seed=seed)
 

@@ -165,8 +165,8 @@ class PCA(GenerativeModel):
     # -- fitting -----------------------------------------------------------------------------
     # ``fit`` (the toolkit's, on a Dataset / DataLoader / tensor (N, D) or (N, C, H, W) of
     # items ``{"image": ...}``) collects every training image and calls these two.
-    def solve(self, images: Tensor, *, seed: int) -> None:
-        """Closed-form fit on every training image at once (the loop's hook; ``seed`` unused)."""
+    def solve(self, images: Tensor, *, seed: int, progress=None) -> None:
+        """Closed-form fit on every training image at once (the loop's hook; seed, progress unused)."""
         self.fit_tensor(images)
 
     def per_sample_loss(self, images: Tensor) -> Tensor:

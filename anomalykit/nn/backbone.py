@@ -375,6 +375,10 @@ class Backbone(nn.Module):
         self.input_mean: Triple = resolved.mean
         self.input_std: Triple = resolved.std
         self.normalization: str | None = normalization_name(resolved.mean, resolved.std)
+        # NHWC convolutions: on the CPU the EfficientNet-Lite stages take ~40 % less time in
+        # channels_last (measured: 41 vs 70 ms per 256 px image up to stage 3, one thread);
+        # layout only, the same weights and the same ONNX graph.
+        self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.train(False)
 
@@ -383,8 +387,12 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, 3, H, W) normalised images -> [(B, C_i, H / s_i, W / s_i) for each selected stage]."""
-        return list(self.model(x))
+        """(B, 3, H, W) normalised images -> [(B, C_i, H / s_i, W / s_i) for each selected stage].
+
+        The stages run in channels_last; the returned maps are contiguous (NCHW) again, so
+        callers may ``view`` them.
+        """
+        return [f.contiguous() for f in self.model(x.contiguous(memory_format=torch.channels_last))]
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, out_indices={self.out_indices}, source={self.source!r}"

@@ -5,22 +5,27 @@ point, then repeatedly add the point farthest from every centre chosen so far. T
 covers the data: every point lies within the last step's max-min distance of some centre.
 
 The plain vectorised algorithm keeps a (M,) vector of squared distances to the nearest centre
-and, per step, computes the distance of the new centre to all M points (one matrix-vector
-product), takes the elementwise minimum and the argmax. That product reads the whole (M, D)
-matrix every step, so a step costs O(M D) memory traffic. This implementation adds the
-classic exact pruning (the triangle inequality, as in Elkan's k-means): each point remembers
-its nearest centre ``a(x)``; each centre k keeps the radius ``R_k`` = the largest distance of a
-point assigned to it. A new centre c can only move points of centre k when
-``||c - centre_k|| < 2 R_k`` (for such a point ``||x - c|| >= ||c - centre_k|| - R_k >= R_k >=
-||x - a(x)||``). When the bound leaves over half the points in reach (or every ``_RECHECK``
-steps until it first pays) the step is the plain full pass. Either way the greedy order is
-the plain algorithm's (the tests compare with a naive reference).
-Measured (one shared CPU core, ``/tmp/h7/coreset_time.py``, PatchCore's 128-d projections of
-magnetic-tile patches): 29.9 ms per pick on 368,640 points for a 1 % coreset and 8.2 / 8.6
-ms per pick on 102,400 points for 1 / 10 %, i.e. the plain pass (the pruning does not pay
-while centres are sparse); at 25 % the average falls to 5.6 ms per pick as the pruning
-starts to skip points. On clustered data it skips most. Everything is torch on the input's
-device; no Python loop over points or candidates, only over the k steps.
+and, per pick, computes the new centre's distance to all M points (a matrix-vector product),
+takes the elementwise minimum and the argmax. That reads the whole (M, D) matrix once per
+pick: memory-bound, tens of ms per pick for PatchCore's ~200k-400k patches.
+
+This implementation gives the same picks with the work batched into rounds. A round looks
+only at the ``pool_size`` farthest points (the pool) and at ``bound``, the largest distance
+outside the pool. Distances only shrink as centres are added, so no point outside the pool
+can exceed ``bound`` during the round. The round picks the global farthest point (always the
+exact next pick), updates the pool's distances to it, and keeps picking the pool's farthest
+point while that distance is still above ``bound``: each such pick is provably the one the
+plain algorithm makes next. When the pool's best falls to ``bound`` the round ends and every
+point is updated against all of the round's centres at once, one (chunk, D) x (D, a) matrix
+product per chunk, compute-bound at near-GEMM speed instead of memory-bound. In PatchCore's
+high-dimensional projections the pool's far points are far from each other too, so rounds
+are long (hundreds of picks). Ties are broken towards the lower index, as the plain
+algorithm's argmax does; near-ties can break differently from a matrix-vector
+implementation, because the batched products round differently (the tests compare the pick
+order with a naive reference on data without near-ties).
+Timings for PatchCore's sizes are in benchmarks/results/coreset_timing/. Everything is torch
+on the input's device; the Python loop runs over picks only (a few small-vector operations
+each), never over points or candidates.
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ from torch import Tensor
 
 from anomalykit.errors import ConfigError
 
-# Relative slack on the pruning bound: a centre is skipped only when it is clearly out of
-# reach, so float rounding in the distances can never skip a point the exact test would move.
-_PRUNE_SLACK = 1e-3
-# Steps between checks whether the pruning has started to pay.
-_RECHECK = 32
+# Rows per chunk of the round's distance update: (chunk, a) distances stay in cache (measured
+# 4096 rows x 512 centres: ~90 GFLOP/s on one core, against ~58 for 32768 rows).
+_UPDATE_CHUNK = 4096
 
 
 def random_projection(x: Tensor, dim: int, *, seed: int) -> Tensor:
@@ -57,7 +60,18 @@ def _squared_distances(points: Tensor, sq_norms: Tensor, centre: Tensor) -> Tens
     return (sq_norms - 2.0 * (points @ centre) + centre.dot(centre)).clamp_min_(0.0)
 
 
+def _update_min_distances(x: Tensor, sq: Tensor, min_sq: Tensor, centres: Tensor) -> None:
+    """min_sq (M,) <- min(min_sq, squared distance of each row of x (M, D) to any of centres (a, D))."""
+    centre_sq = centres.pow(2).sum(1)
+    for start in range(0, x.shape[0], _UPDATE_CHUNK):
+        rows = slice(start, start + _UPDATE_CHUNK)
+        # ||c||^2 - 2 x.c in one addmm; ||x||^2 is the same for every centre, added after the min.
+        nearest = torch.addmm(centre_sq, x[rows], centres.T, alpha=-2.0).amin(1) + sq[rows]
+        torch.minimum(min_sq[rows], nearest.clamp_min_(0.0), out=min_sq[rows])
+
+
 def greedy_coreset(features: Tensor, k: int, *, seed: int = 0, start: int | None = None,
+                   pool_size: int = 1024,
                    progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Indices (k,) int64 of a greedy k-center coreset of ``features`` (M, D), in pick order.
 
@@ -66,7 +80,8 @@ def greedy_coreset(features: Tensor, k: int, *, seed: int = 0, start: int | None
         k: coreset size, 1 <= k <= M.
         seed: picks the first centre (uniformly at random) when ``start`` is None.
         start: index of the first centre (overrides ``seed``).
-        progress: optional ``progress(step, k)`` callback after each pick.
+        pool_size: points a round considers (speed only: the picks do not depend on it).
+        progress: optional ``progress(picked, k)`` callback after each round.
 
     Exact greedy: pick i + 1 is the point whose distance to its nearest pick among the first
     i + 1 is largest (ties: the lowest index). ``coreset_coverage`` returns that distance.
@@ -76,53 +91,43 @@ def greedy_coreset(features: Tensor, k: int, *, seed: int = 0, start: int | None
     m = features.shape[0]
     if not 1 <= k <= m:
         raise ConfigError(f"coreset size k must be in [1, {m}] for {m} points, got {k}")
+    if not isinstance(pool_size, int) or pool_size < 1:
+        raise ConfigError(f"pool_size must be an integer >= 1, got {pool_size!r}")
     x = features
     sq = x.pow(2).sum(1)
     if start is None:
         g = torch.Generator(device="cpu").manual_seed(seed)
         start = int(torch.randint(m, (1,), generator=g))
-    picks = torch.empty(k, dtype=torch.long, device=x.device)
-    centres = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    radius = torch.zeros(k, dtype=x.dtype, device=x.device)  # R_k, a distance (not squared)
+    picks = [start]
     min_sq = _squared_distances(x, sq, x[start])  # squared distance to the nearest centre
-    assign = torch.zeros(m, dtype=torch.long, device=x.device)  # index (into picks) of that centre
-    picks[0], centres[0] = start, x[start]
-    radius[0] = min_sq.max().sqrt()
-    # While the centres are sparse the bound prunes nothing and its bookkeeping only costs:
-    # then take plain full passes (updating ``assign`` only) and re-derive the radii every
-    # ``_RECHECK`` steps to see whether pruning pays yet.
-    pruning = False
-    for step in range(1, k):
-        new = int(min_sq.argmax())
-        c = x[new]
-        picks[step], centres[step] = new, c
-        if not pruning and step % _RECHECK == 0:
-            radius[:step] = 0.0
-            radius.scatter_reduce_(0, assign, min_sq.sqrt(), reduce="amax")
-            pruning = True
-        if pruning:
-            # Centres whose points might be closer to c than to them (triangle inequality).
-            to_centres = (centres[:step] - c).pow(2).sum(1).sqrt()
-            reachable = to_centres < 2.0 * radius[:step] * (1.0 + _PRUNE_SLACK) + 1e-6
-            candidates = reachable[assign].nonzero().squeeze(1)
-            pruning = len(candidates) <= m // 2
-        if not pruning:  # one contiguous pass over all points
-            d = _squared_distances(x, sq, c)
-            closer = d < min_sq
-            torch.minimum(min_sq, d, out=min_sq)
-            assign.masked_fill_(closer, step)
-        else:
-            d = _squared_distances(x[candidates], sq[candidates], c)
-            closer = d < min_sq[candidates]
-            moved = candidates[closer]
-            min_sq[moved] = d[closer]
-            assign[moved] = step
-            # Radii of the touched centres (only their points changed) and of the new one.
-            radius[:step].masked_fill_(reachable, 0.0)
-            radius.scatter_reduce_(0, assign[candidates], min_sq[candidates].sqrt(), reduce="amax")
+    min_sq[start] = 0.0  # exactly: the expanded formula can leave a rounding residue
+    pool_size = min(pool_size, m)
+    while len(picks) < k:
+        # The pool, sorted by index so argmax ties go to the lower index as in the plain
+        # algorithm, and the largest distance outside it.
+        values, order = min_sq.topk(min(pool_size + 1, m))
+        bound = float(values[pool_size]) if m > pool_size else float("-inf")
+        pool = order[:pool_size].sort().values
+        pool_x, pool_sq, pool_d = x[pool], sq[pool], min_sq[pool]
+        new = int(min_sq.argmax())  # the exact next pick, whether or not it is in the pool
+        chosen = []
+        while True:
+            chosen.append(new)
+            torch.minimum(pool_d, _squared_distances(pool_x, pool_sq, x[new]), out=pool_d)
+            pool_d[pool == new] = 0.0
+            if len(picks) + len(chosen) == k:
+                break
+            best = int(pool_d.argmax())
+            if not float(pool_d[best]) > bound:  # an outside point might be as far: new round
+                break
+            new = int(pool[best])
+        picks.extend(chosen)
+        chosen_index = torch.tensor(chosen, device=x.device)
+        _update_min_distances(x, sq, min_sq, x[chosen_index])
+        min_sq[chosen_index] = 0.0
         if progress is not None:
-            progress(step + 1, k)
-    return picks
+            progress(len(picks), k)
+    return torch.tensor(picks, dtype=torch.long, device=x.device)
 
 
 def coreset_coverage(features: Tensor, picks: Tensor) -> Tensor:

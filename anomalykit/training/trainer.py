@@ -350,6 +350,13 @@ def collect_images(data, *, batch_size: int = 16, max_steps: int | None = None,
     return torch.cat(batches)
 
 
+# The history's training loss of a closed-form model is measured on at most this many training
+# images, evenly spaced: a fitted closed-form model's in-sample loss is a sanity figure, and
+# for backbone detectors (PaDiM, PatchCore) a pass over every training image would cost as
+# much as the fit's own feature extraction again.
+CLOSED_FORM_TRAIN_LOSS_IMAGES = 32
+
+
 @torch.no_grad()
 def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                     max_steps: int | None = None, batch_size: int = 16, num_workers: int = 0,
@@ -357,23 +364,32 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                     out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """:func:`fit` for a closed-form model: one ``model.solve`` on every training image.
 
-    ``model.solve(images, seed=seed)`` fits on all training images at once (a CPU tensor,
-    see :func:`collect_images`); ``model.per_sample_loss(images)`` (N,) is what the history
-    reports for the training and validation images. There are no iterations: ``epochs``,
-    ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted by :func:`fit` so
-    one config trains any model, and have no effect. With ``out_dir`` the fitted model is
-    written to ``last.ckpt`` like an iterative run's last epoch.
+    ``model.solve(images, seed=seed, progress=report)`` fits on all training images at once
+    (a CPU tensor, see :func:`collect_images`) and may call ``report(stage, done, total)`` to
+    drive the progress bar. It runs on the CPU (numpy/scipy/scikit-learn linear algebra)
+    unless the model sets ``solve_on_device = True`` (torch-only solves: PaDiM, PatchCore),
+    then on ``device``. ``model.per_sample_loss(images)`` (N,) is what the history reports:
+    on the validation images, and on at most :data:`CLOSED_FORM_TRAIN_LOSS_IMAGES` evenly
+    spaced training images (``history["train_loss_images"]``). There are no iterations:
+    ``epochs``, ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted by
+    :func:`fit` so one config trains any model, and have no effect. With ``out_dir`` the
+    fitted model is written to ``last.ckpt`` like an iterative run's last epoch.
     """
     device = resolve_device(device)
     seed_everything(seed)
     started = time.perf_counter()
     loss: Callable[[torch.Tensor], torch.Tensor] = model.per_sample_loss
+    name = f"fit {model.registry_name}"
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"fit {model.registry_name}", total=1, info="")
+        task = bar.add_task(name, total=1, info="")
+
+        def report(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{name}: {stage}", completed=done, total=total)
+
         images = collect_images(train_data, batch_size=batch_size, max_steps=max_steps,
                                 num_workers=num_workers)
-        model.to("cpu")  # the linear algebra runs on the CPU (numpy/scipy/scikit-learn)
-        model.solve(images, seed=seed)
+        model.to(device if model.solve_on_device else "cpu")
+        model.solve(images, seed=seed, progress=report)
         model.to(device)
 
         def mean_loss(data) -> float:
@@ -382,12 +398,13 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
             return sum(values) / len(data)
 
         with evaluating(model):
-            train_loss = mean_loss(images)
+            subset = torch.linspace(0, len(images) - 1, min(len(images), CLOSED_FORM_TRAIN_LOSS_IMAGES))
+            train_loss = mean_loss(images[subset.round().long()])
             history: dict[str, Any] = {
                 "train_loss": [{"loss": train_loss}], "val_loss": [], "best_epoch": None,
                 "best_val_loss": None, "epochs_run": 1,
                 "steps": math.ceil(len(images) / max(1, batch_size)), "seconds": 0.0,
-                "setup_seconds": 0.0, "stopped_early": False,
+                "setup_seconds": 0.0, "stopped_early": False, "train_loss_images": len(subset),
             }
             info = f"loss {train_loss:.4g}"
             if val_data is not None:
@@ -396,7 +413,7 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                 history.update(val_loss=[val_loss], best_epoch=0, best_val_loss=val_loss)
                 info += f" val {val_loss:.4g}"
         history["seconds"] = time.perf_counter() - started
-        bar.update(task, advance=1, info=info)
+        bar.update(task, description=name, completed=1, total=1, info=info)
     for value in [train_loss, *history["val_loss"]]:
         if not math.isfinite(value):
             raise TrainingError(f"closed-form fit of {type(model).__name__} gave a loss of {value}: "
