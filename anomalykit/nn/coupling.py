@@ -12,14 +12,19 @@ Layers:
 
 * :class:`AffineCoupling` -- RealNVP's affine coupling (Dinh et al. 2017, sec. 3.2-3.3)
   with a pluggable subnet, FrEIA's soft clamp of the log-scale, optional conditioning.
-* :class:`ActNorm` -- Glow's activation normalisation (Kingma & Dhariwal 2018, sec. 3.1).
+* :class:`AdditiveCoupling` -- NICE's additive coupling (Dinh et al. 2015, sec. 3.2-3.3),
+  volume preserving; the same subnets and conditioning as the affine one.
+* :class:`DiagonalScaling` -- NICE's diagonal scaling layer ``z = x * exp(s)`` (sec. 3.3).
+* :class:`ActNorm` -- Glow's activation normalisation (Kingma & Dhariwal 2018, sec. 3.1):
+  a :class:`DiagonalScaling` plus a bias, initialised from the first batch.
 * :class:`InvertibleConv1x1` -- Glow's invertible 1x1 convolution, optionally
   LU-decomposed (sec. 3.2).
-* :class:`Permutation` -- a fixed channel permutation (random with a seed, or reversal).
+* :class:`Permutation` -- a fixed channel permutation (random with a seed, reversal, or
+  even-then-odd: NICE's odd/even partition).
 * :class:`Squeeze` -- space-to-depth 2x2 (RealNVP sec. 3.6), maps only.
 * :class:`FlowSequential` -- a chain of flows; log-dets add.
 
-Subnet factories for :class:`AffineCoupling`: :func:`subnet_fc` (vectors) and
+Subnet factories for the couplings: :func:`subnet_fc` (vectors) and
 :func:`subnet_conv` (maps). Their last layer is zero-initialised by default so
 each coupling starts as the identity (Glow sec. 3.3), which keeps deep flows stable.
 """
@@ -38,9 +43,10 @@ from anomalykit.errors import ConfigError, DataError, check_choice
 SubnetFactory = Callable[[int, int], nn.Module]
 
 __all__ = [
-    "ActNorm", "AffineCoupling", "Flow", "FlowSequential", "InvertibleConv1x1", "Permutation",
-    "Squeeze", "SubnetFactory", "normal_log_prob", "standard_normal_log_prob", "subnet_conv",
-    "subnet_fc",
+    "PERMUTATIONS", "PERMUTATION_KINDS", "ActNorm", "AdditiveCoupling", "AffineCoupling",
+    "DiagonalScaling", "Flow", "FlowSequential", "InvertibleConv1x1", "Permutation", "Squeeze",
+    "SubnetFactory", "normal_log_prob", "standard_logistic_log_prob", "standard_normal_log_prob",
+    "subnet_conv", "subnet_fc",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -49,6 +55,15 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """(B, ...) -> (B,) log N(z; 0, I), summed over every non-batch dimension."""
     return -0.5 * (z.pow(2) + _LOG_2PI).flatten(1).sum(1)
+
+
+def standard_logistic_log_prob(z: Tensor) -> Tensor:
+    """(B, ...) -> (B,) log of the standard logistic density, summed over non-batch dimensions.
+
+    log p(z) = -(softplus(z) + softplus(-z)) (NICE sec. 3.4), written with softplus so that
+    it stays finite for large |z|.
+    """
+    return -(F.softplus(z) + F.softplus(-z)).flatten(1).sum(1)
 
 
 def normal_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
@@ -179,7 +194,44 @@ def subnet_conv(kernel_size: int, hidden_ratio: float = 1.0, *, hidden_channels:
 # -- layers -------------------------------------------------------------------------------
 
 
-class AffineCoupling(Flow):
+class _Coupling(Flow):
+    """What the coupling layers share: the split, the subnet and its conditioning input.
+
+    The first ``channels // 2`` channels x1 pass unchanged and, with the optional
+    conditioning, feed ``subnet``, whose output (``outputs_per_channel`` values per channel
+    of the other part x2) says how x2 is transformed.
+    """
+
+    def __init__(self, channels: int, subnet_factory: SubnetFactory, *, cond_channels: int,
+                 outputs_per_channel: int) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if channels < 2:
+            raise ConfigError(f"{name} needs at least 2 channels to split; got {channels}")
+        if cond_channels < 0:
+            raise ConfigError(f"{name} cond_channels must be >= 0; got {cond_channels}")
+        self.channels, self.cond_channels = channels, cond_channels
+        self.split = channels // 2
+        self.subnet = subnet_factory(self.split + cond_channels,
+                                     outputs_per_channel * (channels - self.split))
+
+    def _subnet_input(self, x1: Tensor, cond: Tensor | None) -> Tensor:
+        if (cond is None) != (self.cond_channels == 0):
+            raise ConfigError(f"{type(self).__name__} built with cond_channels={self.cond_channels} "
+                              f"got cond={'None' if cond is None else tuple(cond.shape)}")
+        if cond is None:
+            return x1
+        if cond.dim() == 2 and x1.dim() == 4:  # one vector per sample, shared by every position
+            cond = cond[:, :, None, None].expand(-1, -1, *x1.shape[2:])
+        return torch.cat([x1, cond], dim=1)
+
+    def _subnet_vjp_x1(self, h: Tensor, grad_out: Tensor, has_cond: bool) -> Tensor:
+        """(d subnet(h) / d x1)^T grad_out: the subnet's VJP restricted to x1's channels."""
+        grad_h = _subnet_vjp(self.subnet, h, grad_out)
+        return grad_h[:, :self.split] if has_cond else grad_h
+
+
+class AffineCoupling(_Coupling):
     """Affine coupling (RealNVP, Dinh et al. 2017, eqs. 6-8) with a soft-clamped log-scale.
 
     The first ``channels // 2`` channels x1 pass unchanged and, with the optional
@@ -203,26 +255,10 @@ class AffineCoupling(Flow):
 
     def __init__(self, channels: int, subnet_factory: SubnetFactory, *, cond_channels: int = 0,
                  clamp: float = 2.0) -> None:
-        super().__init__()
-        if channels < 2:
-            raise ConfigError(f"AffineCoupling needs at least 2 channels to split; got {channels}")
         if clamp <= 0:
             raise ConfigError(f"AffineCoupling clamp must be > 0; got {clamp}")
-        if cond_channels < 0:
-            raise ConfigError(f"AffineCoupling cond_channels must be >= 0; got {cond_channels}")
-        self.channels, self.cond_channels, self.clamp = channels, cond_channels, float(clamp)
-        self.split = channels // 2
-        self.subnet = subnet_factory(self.split + cond_channels, 2 * (channels - self.split))
-
-    def _subnet_input(self, x1: Tensor, cond: Tensor | None) -> Tensor:
-        if (cond is None) != (self.cond_channels == 0):
-            raise ConfigError(f"AffineCoupling built with cond_channels={self.cond_channels} got "
-                              f"cond={'None' if cond is None else tuple(cond.shape)}")
-        if cond is None:
-            return x1
-        if cond.dim() == 2 and x1.dim() == 4:  # one vector per sample, shared by every position
-            cond = cond[:, :, None, None].expand(-1, -1, *x1.shape[2:])
-        return torch.cat([x1, cond], dim=1)
+        super().__init__(channels, subnet_factory, cond_channels=cond_channels, outputs_per_channel=2)
+        self.clamp = float(clamp)
 
     def _scale_shift(self, x1: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
         s_raw, t = self.subnet(self._subnet_input(x1, cond)).chunk(2, dim=1)
@@ -251,15 +287,75 @@ class AffineCoupling(Flow):
         tanh = torch.tanh(s_raw / self.clamp)
         scale = torch.exp(self.clamp * tanh)
         grad_s_raw = g2 * x2 * scale * (1.0 - tanh * tanh)
-        grad_h = _subnet_vjp(self.subnet, h, torch.cat([grad_s_raw, g2], dim=1))
-        if cond is not None:
-            grad_h = grad_h[:, :self.split]
-        return torch.cat([g1 + grad_h, g2 * scale], dim=1)
+        grad_x1 = self._subnet_vjp_x1(h, torch.cat([grad_s_raw, g2], dim=1), cond is not None)
+        return torch.cat([g1 + grad_x1, g2 * scale], dim=1)
 
 
-class ActNorm(Flow):
+class AdditiveCoupling(_Coupling):
+    """Additive coupling (NICE, Dinh et al. 2015, sec. 3.2-3.3, eq. 4).
+
+    The first ``channels // 2`` channels x1 pass unchanged and, with the optional
+    conditioning, feed the coupling function m (the subnet), which shifts the rest x2:
+
+        z1 = x1,    z2 = x2 + m(x1),    log_det_jacobian = 0
+
+    The Jacobian is unit triangular, so the layer preserves volume and the inverse is
+    x2 = z2 - m(z1). A flow of additive couplings alone cannot change density, hence NICE's
+    :class:`DiagonalScaling` on top. Args as :class:`AffineCoupling`'s (no clamp); the subnet
+    is called with ``out_ch = channels - channels // 2``.
+    """
+
+    def __init__(self, channels: int, subnet_factory: SubnetFactory, *,
+                 cond_channels: int = 0) -> None:
+        super().__init__(channels, subnet_factory, cond_channels=cond_channels, outputs_per_channel=1)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x1, x2 = x[:, :self.split], x[:, self.split:]
+        shift = self.subnet(self._subnet_input(x1, cond))
+        return torch.cat([x1, x2 + shift], dim=1), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        z1, z2 = z[:, :self.split], z[:, self.split:]
+        return torch.cat([z1, z2 - self.subnet(self._subnet_input(z1, cond))], dim=1)
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        """dL/dx2 = g2; dL/dx1 = g1 + (m^T g2) restricted to x1's channels."""
+        g1, g2 = grad_z[:, :self.split], grad_z[:, self.split:]
+        h = self._subnet_input(x[:, :self.split], cond)
+        return torch.cat([g1 + self._subnet_vjp_x1(h, g2, cond is not None), g2], dim=1)
+
+
+class DiagonalScaling(Flow):
+    """Per-channel scaling ``z = x * exp(log_scale)`` (NICE's scaling layer, Dinh et al. 2015,
+    sec. 3.3): the only volume change in a NICE flow.
+
+    ``log_scale`` (C,) starts at 0 (the identity). Parametrising the scale by its log keeps it
+    positive (the paper's "exponentially parametrised" S). log_det_jacobian = sum(log_scale)
+    for vectors, H * W * sum(log_scale) for maps.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+
+    def _log_det(self, x: Tensor) -> Tensor:
+        return (self.log_scale.sum() * _spatial_size(x)).expand(x.shape[0])
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x * _per_channel(torch.exp(self.log_scale), x), self._log_det(x)
+
+    def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return z * _per_channel(torch.exp(-self.log_scale), z)
+
+    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return grad_z * _per_channel(torch.exp(self.log_scale), grad_z)
+
+
+class ActNorm(DiagonalScaling):
     """Per-channel affine ``z = x * exp(log_scale) + bias`` (Glow, Kingma & Dhariwal 2018, sec. 3.1).
 
+    A :class:`DiagonalScaling` followed by a per-channel shift (which changes no volume).
     Data-dependent initialisation: the first forward call in training mode sets
     ``log_scale`` and ``bias`` so that this batch comes out with zero mean and unit variance
     per channel. Whether that happened lives in the buffer ``initialized_``, so it is saved
@@ -270,9 +366,8 @@ class ActNorm(Flow):
     """
 
     def __init__(self, channels: int, *, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.channels, self.eps = channels, eps
-        self.log_scale = nn.Parameter(torch.zeros(channels))
+        super().__init__(channels)
+        self.eps = eps
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized_", torch.tensor(False))
 
@@ -289,15 +384,11 @@ class ActNorm(Flow):
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.training and not bool(self.initialized_):
             self.initialize(x)
-        z = x * _per_channel(torch.exp(self.log_scale), x) + _per_channel(self.bias, x)
-        log_det = (self.log_scale.sum() * _spatial_size(x)).expand(x.shape[0])
-        return z, log_det
+        z, log_det = super().forward(x)
+        return z + _per_channel(self.bias, x), log_det
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        return (z - _per_channel(self.bias, z)) * _per_channel(torch.exp(-self.log_scale), z)
-
-    def vjp(self, x: Tensor, grad_z: Tensor, cond: Tensor | None = None) -> Tensor:
-        return grad_z * _per_channel(torch.exp(self.log_scale), grad_z)
+        return super().inverse(z - _per_channel(self.bias, z))
 
 
 class InvertibleConv1x1(Flow):
@@ -355,7 +446,10 @@ class InvertibleConv1x1(Flow):
         return self._mix(w.T, grad_z)  # z = W x per position, so dL/dx = W^T dL/dz
 
 
+# The permutations a flow puts between its coupling steps.
 PERMUTATIONS = ("random", "reverse")
+# Every kind :class:`Permutation` builds: also NICE's odd/even partition, used once in front.
+PERMUTATION_KINDS = (*PERMUTATIONS, "odd_even")
 
 
 class Permutation(Flow):
@@ -364,17 +458,21 @@ class Permutation(Flow):
     ``kind="random"``: a random permutation drawn from ``torch.Generator().manual_seed(seed)``
     (the same seed gives the same permutation everywhere); ``kind="reverse"``: channel order
     reversed, which guarantees that consecutive couplings transform alternating halves
-    (RealNVP's alternating masks), even for C = 2. The index buffers are saved with the model.
+    (RealNVP's alternating masks), even for C = 2; ``kind="odd_even"``: channels 0, 2, 4, ...
+    then 1, 3, 5, ..., so that a coupling's halves are the even and the odd components (NICE
+    sec. 5.1's partition). The index buffers are saved with the model.
     """
 
     def __init__(self, channels: int, *, seed: int = 0, kind: str = "random") -> None:
         super().__init__()
-        check_choice("kind", kind, PERMUTATIONS)
+        check_choice("kind", kind, PERMUTATION_KINDS)
         self.channels, self.kind = channels, kind
         if kind == "random":
             perm = torch.randperm(channels, generator=torch.Generator().manual_seed(seed))
-        else:
+        elif kind == "reverse":
             perm = torch.arange(channels - 1, -1, -1)
+        else:
+            perm = torch.cat([torch.arange(0, channels, 2), torch.arange(1, channels, 2)])
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
