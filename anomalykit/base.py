@@ -275,6 +275,11 @@ class Detector(Estimator):
     def forward(self, images: Tensor) -> AnomalyOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fit_summary(self) -> list[str]:
+        """Facts about the fitted model a benchmark row should carry (e.g. a memory bank's
+        size), as short sentences; none by default."""
+        return []
+
     def normalized_score(self, score: Tensor) -> Tensor:
         """Map a raw score to [0, 1] with the threshold at exactly 0.5 (anomalib's convention)."""
         span = (self.score_max_ - self.score_min_).clamp_min(1e-12)

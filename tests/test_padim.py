@@ -75,6 +75,8 @@ def test_mahalanobis_matches_numpy_with_uneven_batches():
 def test_batch_scores_equal_one_at_a_time():
     model = small()
     model.solve(images(10), seed=0)
+    p, d = model.mean_.shape
+    assert model.fit_summary() == [f"{p} Gaussians of {d} dims ({p * (d + d * d) * 4 / 2**20:.1f} MB)"]
     x = images(3, seed=2)
     with torch.no_grad():
         batch = model.eval()(x)

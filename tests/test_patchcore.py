@@ -143,6 +143,7 @@ def test_bank_size_ratio_bound_and_seed():
     model = detector(32, coreset_ratio=0.5, max_bank_size=7)
     model.solve(x, seed=0)
     assert model.memory_bank.shape == (7, 152)  # 4 images x 4x4 patches x 0.5 = 32, bound 7
+    assert model.fit_summary() == ["memory bank 7 x 152 (0.0 MB)"]  # the benchmark row's note
     model2 = detector(32, coreset_ratio=0.25)
     model2.solve(x, seed=0)
     assert model2.memory_bank.shape == (16, 152)

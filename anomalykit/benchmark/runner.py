@@ -87,7 +87,7 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
     paths = [r.path for r in trained.test_records]
     torch_ms = time_inference(TorchPredictor(model, device=str(model.device)), paths,
                               progress=progress, desc="time torch")
-    notes = list(trained.warnings)
+    notes = [*model.fit_summary(), *trained.warnings]
     onnx_ms = None
     if onnx:
         try:

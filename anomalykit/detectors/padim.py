@@ -215,6 +215,12 @@ class PaDiMDetector(Detector):
         self.mean_.copy_((mean + shift).float())
         self.inv_covariance_.copy_(inverse.float())
 
+    def fit_summary(self) -> list[str]:
+        """The Gaussians' size: P positions x (D mean + D x D inverse covariance), float32 MB."""
+        positions, dims = self.mean_.shape
+        size = (self.mean_.numel() + self.inv_covariance_.numel()) * 4 / 2**20
+        return [f"{positions} Gaussians of {dims} dims ({size:.1f} MB)"]
+
     def per_sample_loss(self, images: Tensor) -> Tensor:
         """(N,) the history's loss: mean Mahalanobis distance over the feature grid."""
         return reduce_map(self.distance_grid(images), "mean")

@@ -204,6 +204,11 @@ class PatchCoreDetector(Detector):
         features = self.embed(images).flatten(2).transpose(1, 2)
         return self.patch_scores(features).mean(1)
 
+    def fit_summary(self) -> list[str]:
+        """The memory bank's size (K patches x D channels, float32 MB)."""
+        k, d = self.memory_bank.shape
+        return [f"memory bank {k} x {d} ({k * d * 4 / 2**20:.1f} MB)"]
+
     # -- inference ----------------------------------------------------------------------------
     def image_score(self, scores: Tensor, patches: Tensor) -> Tensor:
         """(B, P) patch scores, (B, P, D) patch features -> (B,) the paper's reweighted max."""
