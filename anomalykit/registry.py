@@ -31,6 +31,8 @@ _MODULES = (
     "anomalykit.detectors.pca",
     "anomalykit.generative.vae",
     "anomalykit.generative.vqvae",
+    "anomalykit.generative.autoregressive",
+    "anomalykit.detectors.pixelcnn",
     "anomalykit.generative.gan",
     "anomalykit.generative.gan_inverse",
     "anomalykit.detectors.ae",
@@ -44,6 +46,8 @@ _MODULES = (
     "anomalykit.detectors.ganomaly",
     "anomalykit.detectors.patchcore",
     "anomalykit.detectors.padim",
+    "anomalykit.generative.diffusion",
+    "anomalykit.detectors.diffusion",
 )
 _loaded = False
 

@@ -169,7 +169,7 @@ def test_save_load_round_trip_in_fresh_process(name, fresh_process_round_trips):
 
 # ONNX export measured over ~5 s on 2 CPU cores (differnet ~60 s, fastflow ~18 s): in
 # `make test` only, not `make test-fast`. A new detector's parity test runs in both by default.
-SLOW_ONNX = {"differnet", "fastflow", "draem", "riad", "anogan"}
+SLOW_ONNX = {"differnet", "fastflow", "draem", "riad", "anogan", "diffusion"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_ONNX

@@ -35,7 +35,8 @@ class Tiny:
     """How a model is built small, what data it takes, and (closed form) what its fit sets."""
 
     kwargs: dict[str, Any]
-    data: str = "image"  # "image": (N, 3, SIZE, SIZE) in [0, 1]; "vector": (N, DIM)
+    data: str = "image"  # "image": (N, 3, size, size) in [0, 1]; "vector": (N, DIM)
+    size: int = SIZE  # image side; the autoregressive models sample one pass per sub-pixel
     fitted_buffers: list[str] = field(default_factory=list)  # closed-form models only
 
 
@@ -48,6 +49,9 @@ TINY: dict[str, Tiny] = {
     "glow": Tiny({"image_size": SIZE, "in_channels": 3, "levels": 2, "steps": 1,
                   "hidden_channels": 8}),
     "realnvp": Tiny({"dim": DIM, "num_layers": 2, "hidden": 8}, data="vector"),
+    "nice": Tiny({"dim": DIM, "num_layers": 2, "hidden": 8, "num_hidden_layers": 1,
+                  "dequantize": False}, data="vector"),
+    "cvae": Tiny({"image_size": SIZE, "num_classes": 1, "latent_dim": 4, **SMALL_CONV}),
     "pca": Tiny({"n_components": 2}, data="vector",
                 fitted_buffers=["mean_", "components_", "explained_variance_", "n_samples_seen_"]),
     "gmm": Tiny({"n_components": 2, "covariance_type": "full"}, data="vector",
@@ -62,6 +66,18 @@ TINY: dict[str, Tiny] = {
     "infogan": Tiny({"image_size": SIZE, "noise_dim": 4, "num_categories": 3,
                      "continuous_dim": 1, "q_hidden": 8, "width": 4}),
     "bigan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4, "joint_hidden": 8}),
+    # Autoregressive: sampling is one pass per sub-pixel, so 8x8 images (192 passes, not 3072).
+    "pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
+                      "first_kernel": 3, "head_hidden": 4}, size=8),
+    "gated_pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
+                            "first_kernel": 3, "head_hidden": 4}, size=8),
+    "pixelrnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
+                      "first_kernel": 3, "head_hidden": 4}, size=8),
+    "ddpm": Tiny({"image_size": SIZE, "widths": [8, 16], "blocks_per_level": 1,
+                  "attention_levels": [1], "groups": 4, "timesteps": 20}),
+    "latent_diffusion": Tiny({"autoencoder": "vae",
+                              "autoencoder_kwargs": {"image_size": SIZE, "latent_dim": 4, **SMALL_CONV},
+                              "diffusion_kwargs": {"widths": [8], "groups": 4, "timesteps": 20}}),
 }
 
 
@@ -77,7 +93,8 @@ def data(name: str, n: int = N_TRAIN, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     if tiny(name).data == "vector":
         return torch.randn(n, DIM, generator=generator)
-    return torch.rand(n, 3, SIZE, SIZE, generator=generator)
+    size = tiny(name).size
+    return torch.rand(n, 3, size, size, generator=generator)
 
 
 def build(name: str) -> GenerativeModel:
