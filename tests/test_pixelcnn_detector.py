@@ -9,8 +9,9 @@ import torch
 
 from anomalykit.config import load_config
 from anomalykit.data import EASY_CATEGORY, generate_synthetic
-from anomalykit.detectors.pixelcnn import PixelCNNDetector, downsize, interpolated_nll
+from anomalykit.detectors.pixelcnn import PixelCNNDetector, interpolated_nll
 from anomalykit.errors import ConfigError
+from anomalykit.nn.functional import shrink_to
 from anomalykit.pipeline import evaluate_detector, train_detector
 from anomalykit.registry import create
 
@@ -31,7 +32,7 @@ def test_map_is_the_pixelcnn_nll_on_the_level_grid():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # box-averaged from 32 px: the 2x2 blocks of a nearest-upsampled image average back exactly
     big = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")
-    torch.testing.assert_close(downsize(big, 16), small)
+    torch.testing.assert_close(shrink_to(big, 16), small)
     with torch.no_grad():
         out = detector(big)
     assert out.anomaly_map.shape == (2, 1, 32, 32) and out.score.shape == (2,)

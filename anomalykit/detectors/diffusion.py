@@ -45,24 +45,13 @@ from anomalykit.base import AnomalyOutput, Detector, check_choice
 from anomalykit.errors import ConfigError
 from anomalykit.generative.diffusion import DDPM, ScheduleKind, spaced_timesteps
 from anomalykit.nn.backbone import DEFAULT_BACKBONE, Backbone
-from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map
+from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map, shrink_to
 from anomalykit.registry import register_detector
 
 MapMetric = Literal["pixel", "feature", "pixel+feature"]
 MAP_METRICS = ("pixel", "feature", "pixel+feature")
 Noising = Literal["inversion", "fixed_noise"]
 NOISINGS = ("inversion", "fixed_noise")
-
-
-def resize_to(x: Tensor, size: int) -> Tensor:
-    """(B, C, S, S) -> (B, C, size, size): average pooling for an integer shrink (no aliasing),
-    bilinear otherwise; unchanged when already that size."""
-    s = x.shape[-1]
-    if s == size:
-        return x
-    if s > size and s % size == 0:
-        return F.avg_pool2d(x, s // size)
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 @register_detector("diffusion")
@@ -130,11 +119,11 @@ class DiffusionDetector(Detector):
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch) -> dict[str, Tensor]:
-        return self.diffusion.training_step({"image": resize_to(batch["image"], self.model_size)})
+        return self.diffusion.training_step({"image": shrink_to(batch["image"], self.model_size)})
 
     @torch.no_grad()
     def validation_step(self, batch) -> dict[str, Tensor]:
-        return self.diffusion.validation_step({"image": resize_to(batch["image"], self.model_size)})
+        return self.diffusion.validation_step({"image": shrink_to(batch["image"], self.model_size)})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.diffusion.configure_optimizers()
@@ -170,7 +159,7 @@ class DiffusionDetector(Detector):
 
     def error_map(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, 1, m, m) raw difference map at the model's size."""
-        small = resize_to(images, self.model_size)
+        small = shrink_to(images, self.model_size)
         recon = self.reconstruct(small)
         maps = []
         if self.map_metric in ("pixel", "pixel+feature"):

@@ -34,22 +34,11 @@ from torch import Tensor
 from anomalykit.base import AnomalyOutput, Detector, check_choice
 from anomalykit.errors import ConfigError
 from anomalykit.generative.autoregressive import GatedPixelCNN, PixelCNN, levels_to_input
-from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map
+from anomalykit.nn.functional import MAP_REDUCTIONS, MapReduction, gaussian_blur, reduce_map, shrink_to
 from anomalykit.registry import register_detector
 
 ModelKind = Literal["pixelcnn", "gated"]
 MODEL_KINDS = ("pixelcnn", "gated")
-
-
-def downsize(images: Tensor, size: int) -> Tensor:
-    """(B, C, S, S) -> (B, C, size, size): box average when S is a multiple of size (no
-    aliasing), bilinear otherwise; unchanged when S <= size."""
-    s = images.shape[-1]
-    if s <= size:
-        return images
-    if s % size == 0:
-        return F.avg_pool2d(images, s // size)
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def interpolated_nll(logits: Tensor, x: Tensor) -> Tensor:
@@ -101,7 +90,7 @@ class PixelCNNDetector(Detector):
                             layers=layers, first_kernel=first_kernel, head_hidden=head_hidden, lr=lr)
 
     def training_step(self, batch) -> dict[str, Tensor]:
-        return self.pixelcnn.training_step({"image": downsize(batch["image"], self.model_size)})
+        return self.pixelcnn.training_step({"image": shrink_to(batch["image"], self.model_size)})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.pixelcnn.configure_optimizers()
@@ -109,7 +98,7 @@ class PixelCNNDetector(Detector):
     def nll_map(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, 1, m, m) NLL per pixel (nats, summed over colours) at
         the model size m, teacher-forced: one pass."""
-        small = downsize(images, self.model_size)
+        small = shrink_to(images, self.model_size)
         model = self.pixelcnn
         b, c, h, w = small.shape
         x_in = levels_to_input(small.clamp(0.0, 1.0) * (model.num_levels - 1), model.num_levels)

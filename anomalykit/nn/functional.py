@@ -46,6 +46,20 @@ def concat_on_grid(maps: list[Tensor], size: tuple[int, int] | None = None, *,
                       F.interpolate(m, size=tuple(size), mode=mode, **options) for m in maps], dim=1)
 
 
+def shrink_to(x: Tensor, size: int) -> Tensor:
+    """(B, C, S, S) -> (B, C, size, size) for a detector that models a downsized image.
+
+    Box average when S is a multiple of ``size`` (no aliasing, and exactly ONNX's AveragePool),
+    bilinear otherwise; unchanged when S == size.
+    """
+    s = x.shape[-1]
+    if s == size:
+        return x
+    if s > size and s % size == 0:
+        return F.avg_pool2d(x, s // size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def gaussian_kernel1d(sigma: float, *, radius: int | None = None, dtype=torch.float32) -> Tensor:
     """(2r+1,) normalised Gaussian; r defaults to ceil(4 sigma) like scipy.ndimage."""
     if radius is None:
