@@ -116,8 +116,28 @@ class _DequantizingFlow(GenerativeModel):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
+class _VectorFlow(_DequantizingFlow):
+    """What the flows of vectors (NICE, RealNVP) share: ``self.flow`` on (B, ``self.dim``)."""
+
+    dim: int
+    flow: FlowSequential
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise DataError(f"{type(self).__name__}(dim={self.dim}) expects (B, {self.dim}); "
+                            f"got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D) flow input -> (z (B, D), log_det_jacobian (B,))."""
+        return self.flow(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """(B, D) latent -> (B, D) flow input."""
+        return self.flow.inverse(z)
+
+
 @register_generative("realnvp")
-class RealNVP(_DequantizingFlow):
+class RealNVP(_VectorFlow):
     """RealNVP (Dinh et al. 2017) for vectors (B, D): affine couplings with fc subnets.
 
     Each of ``num_layers`` steps is [ActNorm (optional), AffineCoupling, Permutation]; the
@@ -160,18 +180,6 @@ class RealNVP(_DequantizingFlow):
             layers.append(Permutation(dim, seed=seed + i, kind=permutation))
         self.flow = FlowSequential(*layers)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise DataError(f"RealNVP(dim={self.dim}) expects (B, {self.dim}); got {tuple(x.shape)}")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, D) flow input -> (z (B, D), log_det_jacobian (B,))."""
-        return self.flow(x)
-
-    def inverse(self, z: Tensor) -> Tensor:
-        """(B, D) latent -> (B, D) flow input."""
-        return self.flow.inverse(z)
-
     def _log_prob_continuous(self, y: Tensor) -> Tensor:
         z, log_det = self.flow(y)
         return standard_normal_log_prob(z) + log_det
@@ -193,7 +201,7 @@ PARTITIONS = ("odd_even", "halves")
 
 
 @register_generative("nice")
-class NICE(_DequantizingFlow):
+class NICE(_VectorFlow):
     """NICE (Dinh et al. 2015) for vectors (B, D): additive couplings and a diagonal scaling.
 
     f = [Permutation "odd_even" (``partition="odd_even"``)] -> ``num_layers`` x
@@ -243,18 +251,6 @@ class NICE(_DequantizingFlow):
             layers.append(AdditiveCoupling(dim, subnet))
         layers.append(DiagonalScaling(dim))
         self.flow = FlowSequential(*layers)
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise DataError(f"NICE(dim={self.dim}) expects (B, {self.dim}); got {tuple(x.shape)}")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, D) flow input -> (z (B, D), log_det_jacobian (B,))."""
-        return self.flow(x)
-
-    def inverse(self, z: Tensor) -> Tensor:
-        """(B, D) latent -> (B, D) flow input."""
-        return self.flow.inverse(z)
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """(B, D) -> (B,) log p_Z(z) under the factorised prior."""
