@@ -115,3 +115,21 @@ def test_diffusion_detector_learns_the_easy_category(easy_root, tmp_path):
     assert metrics["image_auroc"] >= untrained["image_auroc"] + 0.25, (metrics, untrained)
     assert metrics["pixel_auroc"] >= 0.9, (metrics, untrained)
     assert metrics["pixel_auroc"] >= untrained["pixel_auroc"] + 0.15, (metrics, untrained)
+
+
+@pytest.mark.parametrize("map_metric", ["feature", "pixel+feature"])
+def test_feature_map_metrics(map_metric):
+    """Backbone-feature maps: right shape, finite, deterministic, different from the pixel map;
+    the mixed one is the mean of the two."""
+    kwargs = {"backbone_weights": "random"}  # the shape of the arithmetic, not ImageNet's features
+    x = images()
+    with torch.no_grad():
+        pixel = tiny(map_sigma=0.0)(x).anomaly_map
+        out = tiny(map_metric=map_metric, map_sigma=0.0, **kwargs)(x)
+        again = tiny(map_metric=map_metric, map_sigma=0.0, **kwargs)(x)
+    assert out.anomaly_map.shape == (2, 1, 32, 32) and torch.isfinite(out.anomaly_map).all()
+    assert torch.equal(out.anomaly_map, again.anomaly_map)
+    assert not torch.allclose(out.anomaly_map, pixel)
+    if map_metric == "pixel+feature":
+        feature = tiny(map_metric="feature", map_sigma=0.0, **kwargs)(x).anomaly_map
+        torch.testing.assert_close(out.anomaly_map, (pixel + feature) / 2, rtol=1e-5, atol=1e-6)

@@ -75,3 +75,22 @@ def test_learns_the_easy_category_at_32px(easy_root, tmp_path):
     before = evaluate_detector(untrained, result.test_records, progress=False).metrics
     assert metrics["pixel_auroc"] >= 0.7, metrics
     assert metrics["pixel_auroc"] >= before["pixel_auroc"] + 0.15, (metrics, before)
+
+
+def test_gated_model_and_mean_score_export_with_parity(tmp_path):
+    """The options beside the contract test's defaults: model="gated", score_reduction="mean"."""
+    import numpy as np
+
+    from anomalykit.export import compare_with_torch, export_onnx
+
+    detector = small_detector(model="gated", score_reduction="mean")
+    assert type(detector.pixelcnn).__name__ == "GatedPixelCNN"
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = detector(x)
+    torch.testing.assert_close(out.score, out.anomaly_map.mean((1, 2, 3)))
+    detector.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    path = export_onnx(detector, tmp_path / "gated.onnx", check=False)
+    batch = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    diffs = compare_with_torch(detector, path, batch)
+    assert diffs["score"] <= 1e-4 and diffs["anomaly_map"] <= 1e-4, diffs
