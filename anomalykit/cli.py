@@ -10,6 +10,8 @@
     anomalykit export runs/bottle/model.ckpt --out bottle.onnx
     anomalykit predict bottle.onnx frames/ --out predictions/
     anomalykit benchmark --detectors ae,ae_ssim --out runs/benchmark
+    anomalykit serve bottle.onnx --port 8080
+    anomalykit watch bottle.onnx /data/line3/inbox
 
 Every expected failure (bad data, unknown name, bad option; :class:`~anomalykit.errors.
 AnomalyKitError`) prints one red ``error: <message>`` line on stderr and exits with status 2,
@@ -360,6 +362,33 @@ def predict(
                       f"{escape(str(summary.csv_path))} and {escape(str(summary.overlay_dir))}/")
 
 
+# -- on the line: service and folder watcher (torch-free) -------------------------------------
+
+# These commands hand their arguments to the deploy modules' own parsers (one definition of
+# each option, shared with `python -m anomalykit.serve.watcher` on a PC without the CLI).
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
+                "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False, help=(
+    "Serve MODEL over HTTP for the line: POST /predict, a page for people at /, /health, "
+    "/ready, /metrics (anomalykit serve MODEL [--host H] [--port P] [--max-batch 8] ...; "
+    "--help for every option)."))
+def serve(ctx: typer.Context) -> None:
+    from anomalykit.serve.app import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args), prog="anomalykit serve"))
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False, help=(
+    "Score each image dropped into INBOX: a row in results.csv, the file moved to ok/, ng/ or "
+    "error/ (anomalykit watch MODEL INBOX [--out DIR] [--once] ...; --help for every option)."))
+def watch(ctx: typer.Context) -> None:
+    from anomalykit.serve.watcher import main as watch_main
+
+    raise typer.Exit(watch_main(list(ctx.args)))
+
+
 # -- benchmark -------------------------------------------------------------------------------
 
 
@@ -371,7 +400,7 @@ def _command_line(params: dict[str, Any]) -> str:
     for key, value in params.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            if value or key == "onnx":  # --onnx/--no-onnx is the only two-sided flag
+            if value or key in ("onnx", "resume"):  # the two-sided flags
                 words.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(value, list):
             for item in value:
@@ -410,11 +439,27 @@ def benchmark(
                                                           "runs/.")] = Path("runs/benchmark"),
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    seeds: Annotated[str | None, typer.Option(
+        help="Comma-separated seeds, e.g. 0,1,2: every (detector, category) runs once per "
+             "seed and the tables add mean ± std. Replaces --seed.")] = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export each model to ONNX "
                                                                 "and time onnxruntime.")] = True,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for torch and onnxruntime alike (default: torch's "
-             "default).")] = None,
+        help="CPU threads for torch and onnxruntime alike (default: torch's default; with "
+             "--executor ray, --cpus-per-job).")] = None,
+    executor: Annotated[str, typer.Option(
+        help="local (this process, one job after another) or ray (one Ray task per "
+             "(detector, category, seed) job; pip install 'anomalykit[cluster]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to join: auto or ray://HOST:10001 (default: start a local Ray). Data "
+             "and --out paths must exist on every node (a shared filesystem).")] = None,
+    cpus_per_job: Annotated[float, typer.Option(
+        help="Ray: CPUs reserved per job.")] = 1.0,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Reuse the rows of jobs that already finished in --out "
+                                     "(failed jobs run again), or run everything.")] = True,
+    job_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a job may run before it is stopped and becomes an error row.")] = None,
     quiet: QuietOption = False,
 ) -> None:
     from rich.markdown import Markdown
@@ -435,10 +480,20 @@ def benchmark(
             root = Path(ensure_synthetic())
         err_console.print(f"using the synthetic dataset in {escape(str(root))}")
     chosen = [] if folder is not None else split_list(categories) or list_mvtec_categories(root)
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(item) for item in split_list(seeds)]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        if not seed_list:
+            raise ConfigError("--seeds is empty; give e.g. --seeds 0,1,2")
     command = _command_line(dict(ctx.params))
     rows = run_benchmark(names, root, chosen, folder=folder, config=config,
                          overrides=overrides or [], out_dir=out, device=device, seed=seed,
-                         onnx=onnx, progress=not quiet, threads=threads, command=command)
+                         seeds=seed_list, onnx=onnx, progress=not quiet, threads=threads,
+                         command=command, executor=executor, address=address,
+                         cpus_per_job=cpus_per_job, resume=resume, job_timeout=job_timeout)
     out_console.print(Markdown(markdown_tables(rows)))
     out_console.print(f"wrote {escape(str(out / 'results.csv'))}, results.md and report.html "
                       f"in {escape(str(out))}")

@@ -131,7 +131,7 @@ def test_two_categories_with_onnx_and_report(dataset: Path, config: Path, tmp_pa
     html = (tmp_path / "report.html").read_text()
     sources = re.findall(r"src='([^']+)'", html)
     assert {f"figures/{c}/roc.png" for c in CATEGORIES} <= set(sources)
-    assert {f"figures/{c}/{GOOD}_examples.png" for c in CATEGORIES} <= set(sources)
+    assert {f"runs/{GOOD}/{c}/examples.png" for c in CATEGORIES} <= set(sources)
     assert all((tmp_path / s).is_file() for s in sources)
     header, body = metric_table(rows, "image_auroc")
     assert header == ["detector", *CATEGORIES, "mean"] and body[0][0] == GOOD
@@ -146,9 +146,9 @@ def test_training_figures_of_a_synthesising_detector_are_in_the_report(
     assert not any(r["error"] for r in rows)
     html = (tmp_path / "report.html").read_text()
     sources = re.findall(r"src='([^']+)'", html)
-    training = [s for s in sources if "_training/" in s]
+    training = [s for s in sources if "/training/" in s]
     # one PNG per training image shown, and only for the detector that synthesises
-    assert training and all(s.startswith(f"figures/{CATEGORIES[0]}/{SYNTH}_training/")
+    assert training and all(s.startswith(f"runs/{SYNTH}/{CATEGORIES[0]}/training/")
                             for s in training)
     assert all((tmp_path / s).is_file() for s in training)
 

@@ -588,3 +588,48 @@ def test_user_profiles_come_before_the_packaged_ones(dataset: Path, tiny_config:
     result = runner.invoke(app, ["train", TINY, "--root", str(dataset), "--category", CATEGORY,
                                  "--config", "nope", "--out", str(run)])
     assert_error(result, "no config 'nope'", "mine")
+
+
+# -- several seeds, the line commands ------------------------------------------------------
+
+
+def test_benchmark_several_seeds_and_bad_seeds(dataset: Path, tiny_config: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["benchmark", "--detectors", TINY, "--root", dataset, "--categories", CATEGORY,
+            "--config", tiny_config, "--set", "epochs=1", "--out", out, "--device", "cpu",
+            "--no-onnx", "--quiet"]
+    invoke(*args, "--seeds", "0,1")
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["error"]) for r in rows] == [("0", ""), ("1", "")]
+    assert "±" in (out / "results.md").read_text()
+    for seed in (0, 1):  # one run folder per seed
+        assert (out / "runs" / TINY / CATEGORY / f"seed{seed}" / "model.ckpt").is_file()
+    assert_error(runner.invoke(app, list(map(str, [*args, "--seeds", "0,x"]))), "--seeds", "0,x")
+    assert_error(runner.invoke(app, list(map(str, [*args, "--executor", "spark"]))), "spark")
+
+
+def test_watch_scores_what_is_in_the_inbox(exported: Path, dataset: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    frames = sorted((dataset / CATEGORY / "test").rglob("*.png"))[:3]
+    for i, frame in enumerate(frames):
+        shutil.copy(frame, inbox / f"frame_{i}.png")
+    invoke("watch", exported, inbox, "--once", "--settle", "0", "--quiet")
+    with open(inbox / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["file"] for r in rows) == ["frame_0.png", "frame_1.png", "frame_2.png"]
+    moved = sorted(p.name for folder in ("ok", "ng") for p in (inbox / folder).glob("*.png"))
+    assert moved == ["frame_0.png", "frame_1.png", "frame_2.png"]
+    assert not list(inbox.glob("*.png"))
+
+
+def test_serve_and_watch_name_a_missing_model(tmp_path: Path) -> None:
+    missing = tmp_path / "no_model.onnx"
+    for command in (["serve", missing, "--port", "0"], ["watch", missing, tmp_path]):
+        result = runner.invoke(app, list(map(str, command)))
+        assert result.exit_code == 2, (command, result.output)
+        assert str(missing) in result.stderr and "error" in result.stderr
+    help_text = runner.invoke(app, ["serve", "--help"]).stdout
+    assert "--max-batch" in help_text and "--max-pixels" in help_text

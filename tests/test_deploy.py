@@ -1,5 +1,8 @@
 """deploy/service.py end to end: a real subprocess, torch blocked, a hand-built ONNX model.
 
+deploy/service.py is the thin entry point of :mod:`anomalykit.serve.app` (tests/test_serve.py
+tests the service in depth); these tests run it as a line PC or the Docker image would.
+
 The model is built with onnx.helper (no torch) and carries anomalykit's metadata; the
 exporter itself is tested in test_export.py. Its map is the per-pixel mean intensity, so a
 white frame scores 1 (anomalous) and a black one 0 (good) against a threshold of 0.5.
@@ -28,7 +31,6 @@ from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "deploy" / "service.py"
-RUNTIME = ROOT / "anomalykit" / "export" / "runtime.py"
 STARTUP_S = 30.0
 
 # Runs service.py as __main__ with torch made unimportable: the service must not need it.
@@ -193,16 +195,43 @@ def test_unknown_path_is_404(service):
     assert request(f"{service}/nope", b"x")[0] == 404
 
 
-def test_runs_from_a_copied_runtime_without_the_package(model_path, tmp_path):
-    """The Docker layout: service.py + runtime.py in one folder, anomalykit not installed."""
-    shutil.copy(SERVICE, tmp_path / "service.py")
-    shutil.copy(RUNTIME, tmp_path / "runtime.py")
+def docker_layout(target: Path) -> Path:
+    """Copy what deploy/Dockerfile's COPY lines copy (sources relative to the repository root)
+    into ``target``, the image's /app: the test runs the Dockerfile's layout without docker."""
+    for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if not words or words[0] != "COPY":
+            continue
+        *sources, destination = [w for w in words[1:] if not w.startswith("--")]
+        folder = target / destination
+        for source in sources:
+            source_path = ROOT / source
+            if source_path.is_dir():
+                shutil.copytree(source_path, folder, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source_path, folder / source_path.name)
+    return target
+
+
+def test_runs_from_the_docker_layout_without_torch_or_the_installed_package(model_path, tmp_path):
+    """The image's /app: service.py + the torch-free part of anomalykit, nothing else."""
+    app = docker_layout(tmp_path / "app")
+    assert (app / "service.py").is_file() and (app / "anomalykit" / "serve" / "page.html").is_file()
+    assert not (app / "anomalykit" / "data").exists()  # torch-side code is left out
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    process, url = start_service([str(tmp_path / "service.py"), str(model_path)],
-                                 cwd=tmp_path, env=env)
+    process, url = start_service([str(app / "service.py"), str(model_path), "--max-batch", "1"],
+                                 cwd=app, env=env)
     try:
         status, body = request(f"{url}/health")
         assert status == 200 and body["detector"] == "mean_intensity"
+        assert body["limits"]["max_batch"] == 1
+        white = np.full((6, 7, 3), 255, np.uint8)
+        status, body = request(f"{url}/predict", encode(white))
+        assert status == 200 and body["label"] == 1
+        with urllib.request.urlopen(f"{url}/", timeout=30) as page:
+            assert b'id="file"' in page.read()
     finally:
         stop(process)
 

@@ -2,16 +2,18 @@
 
 Layout of a benchmark folder::
 
-    results.csv                      one row per (detector, category), rewritten after each
+    results.csv                      one row per job (detector, category, seed), rewritten
+                                     after each
     results.md                       header (command, date, machine, versions) + one table per
-                                     metric: detectors as rows, categories as columns, mean
+                                     metric: detectors as rows, categories as columns, mean;
+                                     with several seeds one line per seed + mean ± std
     report.html                      the same tables, ROC curves and example heat maps
     figures/<category>/roc.png       ROC curves of every detector on that category
-    figures/<category>/<detector>_examples.png   image | ground truth | heat-map overlay
-    figures/<category>/<detector>_training/*.png what the detector trained on, for detectors
-                                     that make their own training data (DRAEM's synthetic
-                                     anomalies: image | augmented | mask)
-    runs/<detector>/<category>/      model.ckpt, model.onnx, predictions.npz
+    runs/<detector>/<category>/      a job's run folder (one seed), or .../seed<k>/ (several):
+        model.ckpt, model.onnx, predictions.npz, row.json (the job's row), error.txt (failed)
+        examples.png                 image | ground truth | heat-map overlay
+        training/*.png               what the detector trained on, for detectors that make
+                                     their own training data (DRAEM's synthetic anomalies)
 
 Figures use matplotlib's object API (``Figure`` + Agg canvas) rather than pyplot, so no
 global backend is switched and nothing needs a display.
@@ -55,6 +57,8 @@ TABLE_METRICS: dict[str, str] = {
 }
 FIGURES = "figures"
 PREDICTIONS = "predictions.npz"
+EXAMPLES = "examples.png"
+TRAINING = "training"
 
 
 # -- environment -----------------------------------------------------------------------------
@@ -150,33 +154,79 @@ def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def seeds_of(rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """The distinct seeds of ``rows``, in order of appearance."""
+    return list(dict.fromkeys(r.get("seed") for r in rows))
+
+
+def _finite(row: dict[str, Any] | None, metric: str) -> float | None:
+    """The metric of a successful row when it is a finite number."""
+    if row is None or row.get("error"):
+        return None
+    number = _number(row.get(metric))
+    return None if number is None or math.isnan(number) else number
+
+
+def _mean_std(metric: str, values: Sequence[float]) -> str:
+    """``mean ± std`` (sample std) over seeds; the value alone for one seed."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return format_value(metric, values[0])
+    return (f"{format_value(metric, float(np.mean(values)))} ± "
+            f"{format_value(metric, float(np.std(values, ddof=1)))}")
+
+
 def metric_table(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[str], list[list[str]]]:
     """One metric as a grid: header ``[detector, cat..., mean]`` and one row per detector.
 
-    The mean is over the categories where the metric is defined; a failed pair shows
-    ``error`` and is left out of the mean.
+    The mean is over the categories where the metric is defined; a failed job shows
+    ``error`` and is left out of the mean. With several seeds each detector gets one line
+    per seed (``det / seed k``) and a ``det mean ± std`` line: per category over the seeds
+    that succeeded, and in the mean column over the seeds' category means.
     """
     detectors = list(dict.fromkeys(r["detector"] for r in rows))
     categories = list(dict.fromkeys(r["category"] for r in rows))
-    cells = {(r["detector"], r["category"]): r for r in rows}
+    seeds = seeds_of(rows)
+    cells = {(r["detector"], r["category"], r.get("seed")): r for r in rows}
     header = ["detector", *categories, "mean"]
     body = []
     for det in detectors:
-        line, values = [det], []
-        for cat in categories:
-            row = cells.get((det, cat))
-            if row is None:
-                line.append("-")
-            elif row.get("error"):
-                line.append("error")
-            else:
-                line.append(format_value(metric, row.get(metric)))
-                number = _number(row.get(metric))
-                if number is not None and not math.isnan(number):
-                    values.append(number)
-        line.append(format_value(metric, float(np.mean(values)) if values else math.nan))
-        body.append(line)
+        seed_means = []
+        for seed in seeds:
+            if len(seeds) > 1 and not any((det, c, seed) in cells for c in categories):
+                continue
+            line, values = [det if len(seeds) == 1 else f"{det} / seed {seed}"], []
+            for cat in categories:
+                row = cells.get((det, cat, seed))
+                if row is None:
+                    line.append("-")
+                elif row.get("error"):
+                    line.append("error")
+                else:
+                    line.append(format_value(metric, row.get(metric)))
+                    if (number := _finite(row, metric)) is not None:
+                        values.append(number)
+            line.append(format_value(metric, float(np.mean(values)) if values else math.nan))
+            body.append(line)
+            if values:
+                seed_means.append(float(np.mean(values)))
+        if len(seeds) > 1:
+            line = [f"{det} mean ± std"]
+            for cat in categories:
+                runs = [cells.get((det, cat, seed)) for seed in seeds]
+                values = [v for r in runs if (v := _finite(r, metric)) is not None]
+                failed = all(r is None or r.get("error") for r in runs)
+                line.append("error" if failed and any(runs) else _mean_std(metric, values))
+            line.append(_mean_std(metric, seed_means))
+            body.append(line)
     return header, body
+
+
+def row_label(row: dict[str, Any], several_seeds: bool) -> str:
+    """``detector / category`` (``/ seed k`` when the benchmark has several seeds)."""
+    label = f"{row['detector']} / {row['category']}"
+    return f"{label} / seed {row.get('seed')}" if several_seeds else label
 
 
 def _markdown_grid(header: list[str], body: list[list[str]]) -> str:
@@ -193,21 +243,22 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
     for metric, title in TABLE_METRICS.items():
         header, body = metric_table(rows, metric)
         parts.append(f"### {metric}: {title}\n\n{_markdown_grid(header, body)}\n")
+    several = len(seeds_of(rows)) > 1
     errors = [r for r in rows if r.get("error")]
     if errors:
         parts.append("### Failures\n\n" + "\n".join(
-            f"- {r['detector']} / {r['category']}: {r['error']}" for r in errors) + "\n")
+            f"- {row_label(r, several)}: {r['error']}" for r in errors) + "\n")
     noted = [r for r in rows if r.get("notes")]
     if noted:
         parts.append("### Notes\n\n" + "\n".join(
-            f"- {r['detector']} / {r['category']}: {r['notes']}" for r in noted) + "\n")
+            f"- {row_label(r, several)}: {r['notes']}" for r in noted) + "\n")
     return "\n".join(parts)
 
 
 def markdown_report(rows: Sequence[dict[str, Any]], info: dict[str, str]) -> str:
     """The whole results.md: environment header, then the tables."""
     configs = sorted({str(r.get("config", "")) for r in rows if r.get("config")})
-    seeds = sorted({str(r.get("seed", "")) for r in rows if r.get("seed") is not None})
+    seeds = [str(s) for s in seeds_of(rows) if s is not None]
     header = [
         "# anomalykit benchmark",
         "",
@@ -218,6 +269,8 @@ def markdown_report(rows: Sequence[dict[str, Any]], info: dict[str, str]) -> str
         f"- device: {info.get('device', '')}; CPU threads (torch and onnxruntime): "
         f"{info.get('torch_threads', '?')}",
         f"- config: {', '.join(configs) or '-'}; seed: {', '.join(seeds) or '-'}",
+        *([f"- executor: {info['executor']}"] if info.get("executor") else []),
+        *([f"- resumed: {info['resumed']}"] if info.get("resumed") else []),
         "- threshold metrics use the threshold calibrated on held-out good training images; "
         "f1_max picks its threshold on the test set (an upper bound)",
         "",
@@ -362,27 +415,34 @@ def load_predictions(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 # -- the whole report ------------------------------------------------------------------------
 
 
-def example_figure_path(out_dir: str | os.PathLike[str], detector: str, category: str) -> Path:
-    """Where a detector's example heat maps on a category go."""
-    return Path(out_dir) / FIGURES / category / f"{detector}_examples.png"
+def run_dir_of(out_dir: str | os.PathLike[str], row: dict[str, Any]) -> Path:
+    """A row's run folder: its ``run_dir`` (relative to the benchmark folder) when it has one;
+    for rows read back from a results.csv, ``runs/<detector>/<category>[/seed<k>]``."""
+    if row.get("run_dir"):
+        return Path(out_dir) / row["run_dir"]
+    path = Path(out_dir) / "runs" / row["detector"] / row["category"]
+    per_seed = path / f"seed{row.get('seed')}"
+    return per_seed if per_seed.is_dir() else path
 
 
-def training_figure_dir(out_dir: str | os.PathLike[str], detector: str, category: str) -> Path:
-    """Where a detector's training-data figures go (see :func:`save_training_figures`)."""
-    return Path(out_dir) / FIGURES / category / f"{detector}_training"
-
-
-def save_training_figures(model: Any, images: Any, out_dir: str | os.PathLike[str],
-                          detector: str, category: str, *, n: int = 8, seed: int = 0) -> list[Path]:
-    """Let a detector that synthesises its own training data show it, as PNGs.
+def save_training_figures(model: Any, images: Any, run_dir: str | os.PathLike[str], *,
+                          n: int = 8, seed: int = 0) -> list[Path]:
+    """Let a detector that synthesises its own training data show it, as PNGs in
+    ``run_dir/training/``.
 
     A detector opts in with ``example_figures(images (N, 3, S, S) in [0, 1], out_dir, *, n,
     seed) -> list[Path]`` (DRAEM draws its Perlin-noise anomalies on these images). Others: [].
     """
     if not hasattr(model, "example_figures"):
         return []
-    return list(model.example_figures(images, training_figure_dir(out_dir, detector, category),
-                                      n=n, seed=seed))
+    return list(model.example_figures(images, Path(run_dir) / TRAINING, n=n, seed=seed))
+
+
+def _first_successful(rows: Sequence[dict[str, Any]], detector: str,
+                      category: str) -> dict[str, Any] | None:
+    """The row whose figures represent (detector, category): its first seed that succeeded."""
+    return next((r for r in rows if r["detector"] == detector and r["category"] == category
+                 and not r.get("error")), None)
 
 
 def roc_figure_path(out_dir: str | os.PathLike[str], category: str) -> Path:
@@ -431,21 +491,25 @@ def html_report(rows: Sequence[dict[str, Any]], info: dict[str, str],
         f"<li>machine: {esc(info.get('machine', ''))}</li>",
         f"<li>versions: {esc(info.get('versions', ''))}</li>",
         f"<li>device: {esc(info.get('device', ''))}; CPU threads: "
-        f"{esc(info.get('torch_threads', '?'))}</li></ul>",
+        f"{esc(info.get('torch_threads', '?'))}</li>",
+        *([f"<li>executor: {esc(info['executor'])}</li>"] if info.get("executor") else []),
+        *([f"<li>resumed: {esc(info['resumed'])}</li>"] if info.get("resumed") else []),
+        "</ul>",
         "<h2>Results</h2>",
     ]
     for metric, title in TABLE_METRICS.items():
         header, body = metric_table(rows, metric)
         parts.append(f"<h3>{esc(title)}</h3>{_html_table(header, body)}")
+    several = len(seeds_of(rows)) > 1
     errors = [r for r in rows if r.get("error")]
     if errors:
         parts.append("<h3>Failures</h3><ul>" + "".join(
-            f"<li class='error'>{esc(r['detector'])} / {esc(r['category'])}: "
+            f"<li class='error'>{esc(row_label(r, several))}: "
             f"{esc(str(r['error']))}</li>" for r in errors) + "</ul>")
     noted = [r for r in rows if r.get("notes")]
     if noted:
         parts.append("<h3>Notes</h3><ul>" + "".join(
-            f"<li>{esc(r['detector'])} / {esc(r['category'])}: {esc(str(r['notes']))}</li>"
+            f"<li>{esc(row_label(r, several))}: {esc(str(r['notes']))}</li>"
             for r in noted) + "</ul>")
     for category in dict.fromkeys(r["category"] for r in rows):
         parts.append(f"<h2>{esc(category)}</h2><div class='figures'>")
@@ -455,12 +519,17 @@ def html_report(rows: Sequence[dict[str, Any]], info: dict[str, str],
                          f"alt='ROC curves, {esc(category)}' style='width:420px'>")
         parts.append("</div>")
         for detector in dict.fromkeys(r["detector"] for r in rows if r["category"] == category):
-            example = example_figure_path(out, detector, category)
+            shown = _first_successful(rows, detector, category)
+            if shown is None:
+                continue
+            run_dir = run_dir_of(out, shown)
+            example = run_dir / EXAMPLES
             if example.is_file():
-                parts.append(f"<h3>{esc(detector)}</h3><img src='"
+                seed_note = f" (seed {shown.get('seed')})" if several else ""
+                parts.append(f"<h3>{esc(detector)}{esc(seed_note)}</h3><img src='"
                              f"{esc(example.relative_to(out).as_posix())}' "
                              f"alt='{esc(detector)} heat maps, {esc(category)}'>")
-            training = sorted(training_figure_dir(out, detector, category).glob("*.png"))
+            training = sorted((run_dir / TRAINING).glob("*.png"))
             if training:
                 parts.append(f"<h4>{esc(detector)}: training data it synthesised</h4>"
                              "<div class='figures'>" + "".join(
@@ -472,26 +541,31 @@ def html_report(rows: Sequence[dict[str, Any]], info: dict[str, str],
 
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str],
-                 info: dict[str, str], *, runs_dir: str | os.PathLike[str] | None = None
+                 info: dict[str, str], *, categories: Sequence[str] | None = None
                  ) -> dict[str, Path]:
     """Write results.csv, results.md, the ROC figures and report.html into ``out_dir``.
 
-    ROC curves are drawn from ``runs/<detector>/<category>/predictions.npz`` (saved by the
-    runner), so the report can be rebuilt from a benchmark folder alone. Example heat maps
-    are drawn by the runner while the maps are in memory.
+    ROC curves are drawn from each row's ``<run dir>/predictions.npz`` (saved by the job;
+    with several seeds, the first seed that succeeded), so the report can be rebuilt from a
+    benchmark folder alone. Example heat maps are drawn by the job while the maps are in
+    memory. ``categories``: redraw only these categories' ROC figures (default: all).
     """
     out = Path(out_dir)
-    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     paths = {"csv": write_csv(rows, out / "results.csv")}
     paths["markdown"] = atomic_write_text(out / "results.md", markdown_report(rows, info))
+    several = len(seeds_of(rows)) > 1
     for category in dict.fromkeys(r["category"] for r in rows):
+        if categories is not None and category not in categories:
+            continue
         curves = {}
-        for row in rows:
-            file = runs / row["detector"] / category / PREDICTIONS
-            if row["category"] == category and not row.get("error") and file.is_file():
+        for detector in dict.fromkeys(r["detector"] for r in rows if r["category"] == category):
+            shown = _first_successful(rows, detector, category)
+            file = run_dir_of(out, shown) / PREDICTIONS if shown is not None else None
+            if file is not None and file.is_file():
                 data = load_predictions(file)
                 if len(np.unique(data["labels"])) == 2:
-                    curves[row["detector"]] = (data["labels"], data["scores"])
+                    name = f"{detector} (seed {shown.get('seed')})" if several else detector
+                    curves[name] = (data["labels"], data["scores"])
         if curves:
             plot_roc(curves, roc_figure_path(out, category), f"ROC: {category}")
     paths["html"] = atomic_write_text(out / "report.html", html_report(rows, info, out))

@@ -1,9 +1,27 @@
-"""Train, evaluate, export and time every (detector, category) pair of a benchmark.
+"""Train, evaluate, export and time every (detector, category, seed) job of a benchmark.
 
-Each pair runs in ``out_dir/runs/<detector>/<category>/``. After every pair
-``results.csv`` is rewritten atomically, so an interrupted benchmark keeps what finished;
-a pair that raises becomes an ``error`` row (traceback in ``error.txt`` beside it) and the
-benchmark goes on with the next one.
+A benchmark is a list of jobs (:class:`~anomalykit.benchmark.executors.Job`), run by an
+executor: ``local`` (in this process, one after another) or ``ray`` (one Ray task per job,
+on a cluster or a local Ray; see :mod:`anomalykit.benchmark.executors`).
+
+Layout and resume. Each job has a run folder: ``runs/<detector>/<category>/`` when the
+benchmark has one seed (the layout of a single-seed benchmark is unchanged) and
+``runs/<detector>/<category>/seed<k>/`` when it has several. The job's worker writes its
+artefacts there (``model.ckpt``, ``model.onnx``, ``predictions.npz``, ``examples.png``,
+``error.txt`` when it failed); the driver writes the job's row there as ``row.json``
+(atomically) as soon as the row comes back, then rebuilds ``results.csv``, ``results.md``
+and ``report.html`` from all the rows so far. Nothing else in the benchmark folder is
+written by a worker. A rerun into the same folder (``resume=True``) reuses every row.json
+without an error that matches its job (detector, category, seed, config label, data,
+ONNX on/off) and runs the rest, so failed jobs run again; ``resume=False`` runs everything.
+
+On a cluster, the data paths and the benchmark folder must be valid on every node: a
+shared filesystem (NFS, a mounted bucket) or the same path on each node. Without a shared
+benchmark folder the rows and the tables still come back to the driver, but each job's
+artefacts (models, ROC data, heat maps) stay on the node that ran it.
+
+A job that raises becomes an ``error`` row (traceback in its ``error.txt``); so does a job
+whose Ray worker dies or that runs past ``job_timeout``; the benchmark goes on.
 
 Timing protocol, identical for PyTorch and onnxruntime: both run the exported module
 (uint8 frame in, resize inside, map upsampled back to the frame) one test image at a time
@@ -13,20 +31,34 @@ reported. Images are decoded before the clock starts.
 
 from __future__ import annotations
 
-import gc
+import importlib
+import json
 import math
 import os
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anomalykit.benchmark.executors import (
+    EXECUTORS,
+    Job,
+    JobTimeout,
+    LocalExecutor,
+    RayExecutor,
+    import_ray,
+    job_time_limit,
+)
 from anomalykit.errors import ConfigError
 
 if TYPE_CHECKING:
     from anomalykit.pipeline import FolderData
 
-__all__ = ["run_benchmark", "benchmark_pair"]
+__all__ = ["JobSpec", "benchmark_pair", "run_benchmark", "run_job"]
+
+ROW_FILE = "row.json"
+ERROR_FILE = "error.txt"
 
 
 def _config_label(config: str | os.PathLike[str], overrides: Sequence[str] | None) -> str:
@@ -45,12 +77,21 @@ def _onnx_device(torch_device: str) -> str:
     return "cpu"
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (or just the type)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str] | None,
                    config: str | os.PathLike[str], overrides: Sequence[str] | None,
                    out_dir: str | os.PathLike[str], device: str, seed: int, onnx: bool = True,
-                   progress: bool = True, folder: FolderData | None = None) -> dict[str, Any]:
-    """Run one pair and return its results row (see :data:`report.COLUMNS`).
+                   progress: bool = True, folder: FolderData | None = None,
+                   run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run one job and return its results row (see :data:`report.COLUMNS`).
 
+    Everything it writes goes to ``run_dir`` (default ``out_dir/runs/<detector>/<category>``):
+    checkpoint, ONNX model, predictions, example heat maps, training figures.
     With ``folder`` the data is that folder dataset and ``category`` only names it.
     """
     from rich.markup import escape
@@ -61,8 +102,7 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
     from anomalykit.pipeline import evaluate_detector, train_detector
     from anomalykit.training.progress import console
 
-    out = Path(out_dir)
-    run_dir = out / "runs" / detector / category
+    run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / "runs" / detector / category
     data: dict[str, Any] = ({"folder": folder} if folder is not None
                             else {"root": root, "category": category})
     trained = train_detector(detector, **data, config=config,
@@ -71,9 +111,9 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
     model = trained.detector
     evaluation = evaluate_detector(model, trained.test_records, progress=progress)
     report.save_predictions(evaluation.predictions, run_dir / report.PREDICTIONS)
-    report.plot_examples(evaluation.predictions,
-                         report.example_figure_path(out, detector, category),
-                         f"{detector} on {category}", threshold=float(model.threshold_))
+    report.plot_examples(evaluation.predictions, run_dir / report.EXAMPLES,
+                         f"{detector} on {category} (seed {seed})",
+                         threshold=float(model.threshold_))
 
     if hasattr(model, "example_figures"):
         import torch
@@ -82,7 +122,7 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
 
         good = AnomalyDataset(trained.train_records[:8], model.image_size)
         images = torch.stack([good[i]["image"] for i in range(len(good))])
-        report.save_training_figures(model, images, out, detector, category, seed=seed)
+        report.save_training_figures(model, images, run_dir, seed=seed)
 
     paths = [r.path for r in trained.test_records]
     torch_ms = time_inference(TorchPredictor(model, device=str(model.device)), paths,
@@ -93,8 +133,7 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
         try:
             onnx_ms = _time_onnx(model, run_dir, category, seed, paths, progress)
         except Exception as exc:  # noqa: BLE001 - keep the metrics of a model that won't export
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            notes.append(f"ONNX export/timing failed: {type(exc).__name__}: {first}")
+            notes.append(f"ONNX export/timing failed: {_first_line(exc)}")
             onnx_ms = math.nan
             console.print(f"[yellow]warning:[/yellow] {escape(detector)} / {escape(category)}: "
                           f"{escape(notes[-1])}", highlight=False, soft_wrap=True)
@@ -134,12 +173,134 @@ def _time_onnx(model: Any, run_dir: Path, category: str, seed: int, paths: Seque
     return time_inference(session, paths, progress=progress, desc="time onnx")
 
 
+# -- jobs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every job of one benchmark shares; sent to the workers with each job (picklable).
+
+    Attributes:
+        config: Profile name or YAML file (absolute path) the jobs load.
+        config_label: The results' ``config`` column (as the user gave it, with overrides).
+        out_dir: The benchmark folder (as the workers see it).
+        several_seeds: Run folders get a ``seed<k>`` level.
+        threads: torch / onnxruntime CPU threads in the job (``None``: leave as is).
+        job_timeout: Seconds a job may run (``None``: no limit).
+        modules: Modules to import in a worker before the job: where detectors registered
+            outside anomalykit live (a fresh worker knows only the built-in ones).
+        progress: Progress bars inside the job (off on Ray: workers have no terminal).
+    """
+
+    root: str | None
+    folder: FolderData | None
+    config: str
+    config_label: str
+    overrides: tuple[str, ...]
+    out_dir: str
+    device: str
+    onnx: bool
+    several_seeds: bool
+    threads: int | None = None
+    job_timeout: float | None = None
+    modules: tuple[str, ...] = ()
+    progress: bool = False
+
+    @property
+    def data_label(self) -> str:
+        """Which data the rows come from, to tell a reusable row from another data set's."""
+        if self.folder is not None:
+            folder = self.folder
+            return (f"folder {folder.good_dir} {folder.defect_dir} {folder.mask_dir} "
+                    f"test_fraction={folder.test_fraction:g}")
+        return f"root {self.root}"
+
+    def run_dir(self, job: Job) -> Path:
+        """The job's folder (see the module docstring for the layout)."""
+        path = Path(self.out_dir) / "runs" / job.detector / job.category
+        return path / f"seed{job.seed}" if self.several_seeds else path
+
+    def key(self, job: Job) -> dict[str, Any]:
+        """What a saved row must match to be reused for ``job``."""
+        return {"detector": job.detector, "category": job.category, "seed": job.seed,
+                "config": self.config_label, "data": self.data_label, "onnx": self.onnx}
+
+
+def error_row(job: Job, spec: JobSpec, message: str) -> dict[str, Any]:
+    """The row of a job that failed: its identity and the error message, no metrics."""
+    return {"detector": job.detector, "category": job.category, "error": message,
+            "config": spec.config_label, "seed": job.seed}
+
+
+def run_job(job: Job, spec: JobSpec) -> dict[str, Any]:
+    """Run one job where this is called (here or in a Ray worker) and return its row.
+
+    Never raises for a failing job (KeyboardInterrupt aside): the row then has an ``error``
+    and the traceback is in the run folder's ``error.txt``.
+    """
+    run_dir = spec.run_dir(job)
+    try:
+        with job_time_limit(spec.job_timeout):
+            for module in spec.modules:
+                importlib.import_module(module)
+            if spec.threads is not None:
+                import torch
+
+                torch.set_num_threads(spec.threads)
+            row = benchmark_pair(job.detector, job.category, root=spec.root, config=spec.config,
+                                 overrides=list(spec.overrides), out_dir=spec.out_dir,
+                                 device=spec.device, seed=job.seed, onnx=spec.onnx,
+                                 progress=spec.progress, folder=spec.folder, run_dir=run_dir)
+            row["config"] = spec.config_label  # as the user wrote it, not the absolute path
+    except (Exception, JobTimeout) as exc:  # noqa: BLE001 - one failing job must not stop the rest
+        from rich.markup import escape
+
+        from anomalykit.training.progress import console
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        message = _first_line(exc)
+        console.print(f"[red]error:[/red] {escape(job.label)}: {escape(message)} (traceback in "
+                      f"{escape(str(run_dir / ERROR_FILE))})", highlight=False, soft_wrap=True)
+        row = error_row(job, spec, message)
+    row["run_dir"] = run_dir.relative_to(spec.out_dir).as_posix()
+    return row
+
+
+def _json_value(value: Any) -> Any:
+    """numpy scalars to Python numbers for row.json."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def save_row(job: Job, spec: JobSpec, row: dict[str, Any]) -> Path:
+    """Write ``row.json`` in the job's run folder, atomically (driver side)."""
+    from anomalykit.training.checkpoint import atomic_write_text
+
+    text = json.dumps({"job": spec.key(job), "row": row}, indent=1, default=_json_value)
+    return atomic_write_text(spec.run_dir(job) / ROW_FILE, text)
+
+
+def load_finished_row(job: Job, spec: JobSpec) -> dict[str, Any] | None:
+    """The saved row of ``job`` if it finished without error under the same settings."""
+    path = spec.run_dir(job) / ROW_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # missing, or cut short by a crash on a filesystem without atomic rename
+    if not isinstance(saved, dict) or saved.get("job") != spec.key(job):
+        return None
+    row = saved.get("row")
+    if not isinstance(row, dict) or row.get("error"):
+        return None
+    return row
+
+
 def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                   categories: Sequence[str], config: str | os.PathLike[str],
                   overrides: Sequence[str] | None, folder: FolderData | None = None) -> None:
-    """Fail before the first pair on typos: names, categories or folders, config keys.
+    """Fail before the first job on typos: names, categories or folders, config keys.
 
-    A per-pair failure is recorded and skipped; a typo would otherwise turn the whole
+    A per-job failure is recorded and skipped; a typo would otherwise turn the whole
     benchmark into a table of identical error rows.
     """
     from anomalykit.config import load_config
@@ -166,15 +327,35 @@ def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                           f"available: {', '.join(available) or 'none'}")
 
 
+def _plugin_modules(detectors: Sequence[str]) -> tuple[str, ...]:
+    """Modules outside anomalykit that registered some of ``detectors`` (workers import them)."""
+    from anomalykit.registry import get_class
+
+    modules = {get_class(name, "detector").__module__ for name in detectors}
+    return tuple(sorted(m for m in modules if m.split(".")[0] != "anomalykit"))
+
+
+def _check_seeds(seed: int, seeds: Sequence[int] | None) -> list[int]:
+    chosen = [seed] if seeds is None else [int(s) for s in seeds]
+    if not chosen:
+        raise ConfigError("no seeds to benchmark")
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"seeds repeat: {', '.join(map(str, chosen))}")
+    return chosen
+
+
 def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                   categories: Sequence[str], *, folder: FolderData | None = None,
                   config: str | os.PathLike[str] = "quick",
                   overrides: Sequence[str] | None = None,
                   out_dir: str | os.PathLike[str] = "runs/benchmark", device: str = "auto",
-                  seed: int = 0, onnx: bool = True, progress: bool = True,
-                  threads: int | None = None, command: str | None = None
+                  seed: int = 0, seeds: Sequence[int] | None = None, onnx: bool = True,
+                  progress: bool = True, threads: int | None = None, command: str | None = None,
+                  executor: str = "local", address: str | None = None,
+                  cpus_per_job: float = 1.0, ray_num_cpus: int | None = None,
+                  resume: bool = True, job_timeout: float | None = None
                   ) -> list[dict[str, Any]]:
-    """Benchmark every detector on every category; write results.csv, results.md, report.html.
+    """Benchmark every detector on every category and seed; write results.csv/.md, report.html.
 
     Args:
         detectors: Registered detector names.
@@ -183,70 +364,118 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
         folder: Benchmark on this folder dataset (:class:`~anomalykit.pipeline.FolderData`,
             with a defect folder) instead; its :attr:`~anomalykit.pipeline.FolderData.name`
             is the results' category.
-        config, overrides: Profile/YAML and ``key=value`` overrides, the same for every pair.
+        config, overrides: Profile/YAML and ``key=value`` overrides, the same for every job.
         out_dir: Benchmark folder (see :mod:`anomalykit.benchmark.report` for its layout).
-        device: ``auto``/``cpu``/``cuda[:N]`` for training and PyTorch inference.
-        seed: Seed of every pair.
+        device: ``auto``/``cpu``/``cuda[:N]`` for training and PyTorch inference (resolved
+            here; on Ray, ``cuda`` also reserves one GPU per task).
+        seed: The seed of a single-seed benchmark.
+        seeds: Several seeds (overrides ``seed``): every (detector, category) runs once per
+            seed, and the tables add a mean ± std line per detector.
         onnx: Export each model to ONNX and time onnxruntime.
-        progress: Progress bars (benchmark loop, training, inference, timing).
-        threads: CPU threads for torch and onnxruntime (default: torch's current setting,
-            which onnxruntime then uses too).
+        progress: Progress bars (local: also inside each job; Ray: the job bar only).
+        threads: CPU threads for torch and onnxruntime in each job (default: local, torch's
+            current setting; Ray, ``cpus_per_job``).
         command: The command line to print in the report header.
+        executor: ``local`` (in this process, sequential) or ``ray`` (a Ray task per job).
+        address: Ray only: ``None`` starts a local Ray, ``"auto"`` / ``"ray://host:port"``
+            joins a cluster.
+        cpus_per_job: Ray only: CPUs reserved per task.
+        ray_num_cpus: Ray only: CPUs of a local Ray (default: all).
+        resume: Reuse the rows of jobs that already finished in ``out_dir`` (see the module
+            docstring); ``False`` runs every job again.
+        job_timeout: Seconds a job may run before it becomes an error row (``None``: no limit).
 
     Returns:
-        The rows, in run order; failed pairs have a non-empty ``error``.
+        The rows, ordered by (detector, category, seed) as given; failed jobs have a
+        non-empty ``error``; rows reused from an earlier run have ``reused=True``.
     """
     import torch
-    from rich.markup import escape
 
     from anomalykit.benchmark import report
     from anomalykit.training import resolve_device
-    from anomalykit.training.progress import console, progress_bar
 
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    if job_timeout is not None and job_timeout <= 0:
+        raise ConfigError(f"job timeout must be positive, got {job_timeout}")
     torch_device = str(resolve_device(device))
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    seed_list = _check_seeds(seed, seeds)
     if folder is not None:
         root, categories = None, [folder.name]
     _check_inputs(detectors, root, categories, config, overrides, folder)
-    out = Path(out_dir)
+    if executor == "ray":
+        pool: LocalExecutor | RayExecutor = RayExecutor(
+            address=address, cpus_per_job=cpus_per_job, num_cpus=ray_num_cpus,
+            gpus_per_job=1.0 if torch_device.startswith("cuda") else 0.0,
+            job_timeout=job_timeout, progress=progress)
+        import_ray()  # a missing Ray fails here, before any folder is made
+        threads = threads if threads is not None else max(1, int(cpus_per_job))
+    else:
+        pool = LocalExecutor(progress=progress)
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    # Absolute paths: a Ray worker does not run in this directory (on a cluster, not even
+    # on this machine; then these paths must exist on every node).
+    out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        from anomalykit.pipeline import FolderData
+
+        folder = FolderData.from_meta(folder.as_meta())
+    # A YAML file as load_config tells it from a profile name; profile names stay names.
+    is_file = Path(config).suffix in (".yaml", ".yml") or Path(config).exists()
+    config_file = Path(config).absolute() if is_file else None
+    spec = JobSpec(root=None if root is None else str(Path(root).absolute()), folder=folder,
+                   config=str(config_file or config),
+                   config_label=_config_label(config, overrides),
+                   overrides=tuple(overrides or ()), out_dir=str(out), device=torch_device,
+                   onnx=onnx, several_seeds=len(seed_list) > 1, threads=threads,
+                   job_timeout=job_timeout, modules=_plugin_modules(detectors),
+                   progress=progress and executor == "local")
     info = report.environment_info(torch_device, command or "(python API) run_benchmark")
     if onnx:
         info["device"] += f"; onnxruntime on {_onnx_device(torch_device)}"
+    if threads is not None:
+        info["torch_threads"] = str(threads)
+    info["executor"] = pool.describe() if isinstance(pool, RayExecutor) else "local"
 
-    rows: list[dict[str, Any]] = []
-    pairs = [(d, c) for d in detectors for c in categories]
+    jobs = [Job(d, c, s) for d in detectors for c in categories for s in seed_list]
+    rows: dict[Job, dict[str, Any]] = {}
+    for job in jobs if resume else ():
+        row = load_finished_row(job, spec)
+        if row is not None:
+            rows[job] = {**row, "reused": True}
+    todo = [job for job in jobs if job not in rows]
+    reused = len(jobs) - len(todo)
+    info["resumed"] = (f"{reused} of {len(jobs)} rows reused from an earlier run in this folder"
+                       if reused else "")
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[job] for job in jobs if job in rows]
+
+    def finished(job: Job, row: dict[str, Any]) -> None:
+        row.setdefault("run_dir", spec.run_dir(job).relative_to(out).as_posix())
+        save_row(job, spec, row)
+        rows[job] = row
+        report.write_report(ordered(), out, info, categories=[job.category])
+
+    def failed(job: Job, message: str) -> dict[str, Any]:
+        """A job whose task never returned (its worker died, or it was killed)."""
+        run_dir = spec.run_dir(job)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text(message + "\n", encoding="utf-8")
+        return error_row(job, spec, message)
+
+    for job in todo:  # a stale row must not outlive an interrupted rerun of its job
+        for name in (ROW_FILE, ERROR_FILE):
+            (spec.run_dir(job) / name).unlink(missing_ok=True)
     try:
-        with progress_bar(progress) as bar:
-            task = bar.add_task("benchmark", total=len(pairs), info="")
-            for detector, category in pairs:
-                bar.update(task, info=f"{detector} / {category}")
-                try:
-                    row = benchmark_pair(detector, category, root=root, config=config,
-                                         overrides=overrides, out_dir=out, device=torch_device,
-                                         seed=seed, onnx=onnx, progress=progress,
-                                         folder=folder)
-                except Exception as exc:  # noqa: BLE001 - one failing pair must not stop the rest
-                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-                    run_dir = out / "runs" / detector / category
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    (run_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-                    console.print(f"[red]error:[/red] {escape(detector)} / {escape(category)}: "
-                                  f"{escape(message)} (traceback in "
-                                  f"{escape(str(run_dir / 'error.txt'))})", highlight=False,
-                                  soft_wrap=True)
-                    row = {"detector": detector, "category": category, "error": message,
-                           "config": _config_label(config, overrides), "seed": seed}
-                rows.append(row)
-                report.write_csv(rows, out / "results.csv")
-                bar.advance(task)
-                gc.collect()  # free the finished model before the next one is built
+        pool.run(todo, run_job, spec, finished, failed)
     finally:
-        # Also on Ctrl-C: the report covers every pair that finished.
+        # Also on Ctrl-C, and when every row was reused: the report covers every finished job.
         if rows:
-            report.write_report(rows, out, info)
-    return rows
+            report.write_report(ordered(), out, info)
+    return ordered()
