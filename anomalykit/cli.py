@@ -243,6 +243,10 @@ def train(
     result = train_detector(detector, root=root, category=category, folder=folder,
                             config=config, overrides=overrides or [], out_dir=out,
                             device=device, seed=seed, progress=not quiet, resume=resume)
+    from anomalykit.training import is_main_process
+
+    if not is_main_process():
+        return  # under torchrun: rank 0 reports (it alone wrote model.ckpt)
     for note in result.warnings:
         warn(note)
     meta = result.meta

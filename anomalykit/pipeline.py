@@ -300,8 +300,12 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     from anomalykit.config import load_config
     from anomalykit.data import AnomalyDataset, split_train_val
     from anomalykit.registry import create, get_class
-    from anomalykit.training import resolve_device
+    from anomalykit.training import distributed, resolve_device
 
+    # Under torchrun (data-parallel, see anomalykit.training.distributed) every process trains;
+    # rank 0 alone shows progress and writes model.ckpt.
+    writer = distributed.is_main_process()
+    progress = progress and writer
     # Name first: load_config would otherwise report "no config 'quick'" for a typo.
     get_class(detector)
     cfg = load_config(detector, config,
@@ -370,7 +374,8 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
         "warnings": notes,
     }
     checkpoint = out / CHECKPOINT_NAME
-    model.save(checkpoint, meta=meta)
+    if writer:
+        model.save(checkpoint, meta=meta)
     model.checkpoint_meta = meta
     return TrainResult(model, checkpoint, history, meta, train_part, val_part, test_records,
                        notes)

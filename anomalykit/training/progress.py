@@ -1,4 +1,8 @@
-"""Progress bars (rich) that stay quiet when asked or when nothing watches."""
+"""Progress bars (rich) that stay quiet when asked or when nothing watches.
+
+Under torchrun (data-parallel training) only rank 0 shows bars: the other processes would
+print the same bars again.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ console = Console(stderr=True)
 
 
 def make_progress(enabled: bool = True) -> Progress:
+    # Imported here: distributed imports inference, which imports this module.
+    from anomalykit.training.distributed import is_main_process
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -30,7 +37,7 @@ def make_progress(enabled: bool = True) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
-        disable=not enabled,
+        disable=not enabled or not is_main_process(),
         transient=False,
     )
 

@@ -10,6 +10,11 @@ GANs take the manual path (``manual_optimization = True``: ``training_step(batch
 optimizers)`` steps its own optimizers). Closed-form models (PCA, GMM: ``closed_form =
 True``) go through the same :func:`fit`, which hands their ``solve`` all training images at
 once and keeps the bookkeeping (seed, device, history, ``last.ckpt``) here.
+
+Launched by ``torchrun`` with several processes, the same :func:`fit` trains data-parallel
+(DistributedDataParallel, a sharded sampler, losses averaged across processes, rank 0 alone
+writing checkpoints and showing progress); ``batch_size`` is then per process. See
+:mod:`anomalykit.training.distributed`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from anomalykit.errors import ConfigError, TrainingError
+from anomalykit.training import distributed
 from anomalykit.training.checkpoint import load_state_into, read_checkpoint, save_checkpoint
 from anomalykit.training.inference import as_loader, evaluating
 from anomalykit.training.progress import progress_bar
@@ -91,14 +97,15 @@ def loss_info(losses: dict[str, float], limit: int = 4) -> str:
     return " ".join(f"{k} {losses[k]:.4g}" for k in names[:limit])
 
 
-def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int, out_dir) -> None:
+def _check_finite(losses: dict[str, torch.Tensor | float], epoch: int, step: int, out_dir,
+                  where: str = "") -> None:
     for name, value in losses.items():
-        v = float(value.detach())
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
             hint = f"; the last good state is in {Path(out_dir) / LAST}" if out_dir else ""
             raise TrainingError(
-                f"loss {name!r} became {v} at epoch {epoch + 1}, step {step}: lower the learning "
-                f"rate or check the input data{hint}")
+                f"loss {name!r} became {v}{where} at epoch {epoch + 1}, step {step}: lower the "
+                f"learning rate or check the input data{hint}")
 
 
 def _autocast(device: torch.device, precision: str):
@@ -134,7 +141,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
         batch_size: int = 16, num_workers: int = 0, device: str = "auto", seed: int = 0,
         out_dir: str | Path | None = None, resume: bool = False,
         early_stopping_patience: int | None = None, grad_clip: float | None = None,
-        precision: Precision = "fp32", progress: bool = True) -> dict[str, Any]:
+        precision: Precision = "fp32", progress: bool = True, sync_batchnorm: bool = True,
+        distributed_backend: str | None = None) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` (Dataset, DataLoader or image tensor).
 
     Each epoch reseeds with ``seed + epoch`` so a resumed run sees the same data
@@ -145,17 +153,28 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
     a better validation loss and the best weights are restored. ``precision`` "bf16" or
     "fp16" runs the steps under autocast (for GPUs; fp16 with a gradient scaler).
 
+    Under ``torchrun`` with several processes the fit is data-parallel (see
+    :mod:`anomalykit.training.distributed`): ``batch_size`` is per process, ``sync_batchnorm``
+    turns BatchNorm into SyncBatchNorm on CUDA during the fit, ``distributed_backend``
+    (nccl, gloo; None = nccl on CUDA, gloo on the CPU) forces the process group's backend.
+    Both have no effect in a single process.
+
     Returns the history: per-epoch mean losses, best epoch, seconds (setup included, also
     given alone as ``setup_seconds``), steps.
     """
     check_options(model, epochs=epochs, val_data=val_data,
                   early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
                   precision=precision, resume=resume, out_dir=out_dir)
+    device = resolve_device(device)
+    parallel = distributed.setup(device, backend=distributed_backend,
+                                 sync_batchnorm=sync_batchnorm)
+    if parallel is not None:
+        device = parallel.device
+        progress = progress and parallel.is_main
     if model.closed_form:
         return fit_closed_form(model, train_data, val_data, epochs=epochs, max_steps=max_steps,
                                batch_size=batch_size, num_workers=num_workers, device=device,
-                               seed=seed, out_dir=out_dir, progress=progress)
-    device = resolve_device(device)
+                               seed=seed, out_dir=out_dir, progress=progress, _parallel=parallel)
     seed_everything(seed)
     model.to(device)
     last_path = Path(out_dir) / LAST if out_dir else None
@@ -174,6 +193,14 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                                            num_workers=num_workers, progress=progress)
     setup_seconds = time.perf_counter() - started
     optimizers, schedulers, interval = configure(model)
+    if parallel is not None and isinstance(train_data, torch.utils.data.DataLoader):
+        raise ConfigError(f"data-parallel training shards the training data itself, but "
+                          f"{type(model).__name__}.setup_fit returned a DataLoader: return a Dataset")
+    # One step function: DDP around training_step (data-parallel), or training_step itself.
+    step_fn = model.training_step if parallel is None else parallel.wrap(model, optimizers)
+    rank_seed = 0 if parallel is None else parallel.rank * distributed.RANK_SEED_STRIDE
+    where = "" if parallel is None else f" (mean over {parallel.world} processes)"
+    write_dir = out_dir if parallel is None or parallel.is_main else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     history: dict[str, Any] = {"train_loss": [], "val_loss": [], "best_epoch": None,
@@ -202,18 +229,24 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
     earlier_seconds = history["seconds"] - history.get("setup_seconds", 0.0)
     history["setup_seconds"] = setup_seconds
 
-    step = history["steps"]
+    step = first_step = history["steps"]
     with progress_bar(progress) as bar:
         task = bar.add_task(f"train {model.registry_name}", total=epochs, completed=start_epoch,
                             info="")
         for epoch in range(start_epoch, epochs):
-            seed_everything(seed + epoch)
-            _reseed_data(train_data, seed + epoch)
+            seed_everything(seed + epoch + rank_seed)
+            _reseed_data(train_data, seed + epoch + rank_seed)
             model.on_train_epoch_start(epoch, epochs, optimizers)
             generator = torch.Generator().manual_seed(seed + epoch)
-            loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
-                               generator=generator, num_workers=num_workers)
-            model.train()
+            if parallel is None:
+                loader = as_loader(train_data, batch_size=batch_size, shuffle=True,
+                                   generator=generator, num_workers=num_workers)
+                model.train()
+            else:
+                loader = parallel.train_loader(train_data, batch_size=batch_size,
+                                               generator=generator, epoch=epoch,
+                                               num_workers=num_workers)
+                parallel.train(model)
             totals: dict[str, float] = {}
             n_batches = 0
             for batch in loader:
@@ -221,12 +254,15 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                 model.global_step = step
                 if model.manual_optimization:
                     with _autocast(device, precision):
-                        losses = model.training_step(batch, optimizers)
-                    _check_finite(losses, epoch, step, out_dir)
+                        losses = step_fn(batch, optimizers)
+                    logged = _logged(losses, parallel)
+                    _check_finite(logged, epoch, step, out_dir, where)
                 else:
                     with _autocast(device, precision):
-                        losses = model.training_step(batch)
-                    _check_finite(losses, epoch, step, out_dir)
+                        losses = step_fn(batch)
+                    # Before backward: every process must agree to stop, or DDP would wait.
+                    logged = _logged(losses, parallel)
+                    _check_finite(logged, epoch, step, out_dir, where)
                     optimizer = optimizers[0]
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(losses["loss"]).backward()
@@ -237,13 +273,16 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                     scaler.step(optimizer)
                     scaler.update()
                 step += 1
+                if parallel is not None and step == first_step + 1:
+                    parallel.after_first_step(model)
                 model.global_step = step
                 model.on_after_optimizer_step(step)
                 if interval == "step":
                     for sched in schedulers:
                         sched.step()
-                for k, v in losses.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach())
+                for k, v in logged.items():
+                    totals[k] = totals.get(k, 0.0) + (float(v.detach()) if isinstance(v, torch.Tensor)
+                                                      else v)
                 n_batches += 1
                 if max_steps is not None and step >= max_steps:
                     break
@@ -256,8 +295,10 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             history["train_loss"].append(train_loss)
             info = loss_info(train_loss)
 
+            if parallel is not None:
+                parallel.end_of_epoch(model)
             if val_data is not None:
-                val_loss = _validate(model, val_data, batch_size, device, precision)
+                val_loss = _validate(model, val_data, batch_size, device, precision, parallel)
                 history["val_loss"].append(val_loss)
                 info += f" val {val_loss:.4g}"
                 if history["best_val_loss"] is None or val_loss < history["best_val_loss"]:
@@ -269,13 +310,13 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             history["steps"] = step
             history["seconds"] = earlier_seconds + time.perf_counter() - started
             bar.update(task, advance=1, info=info)
-            model.on_train_epoch_end(epoch, epochs, out_dir=Path(out_dir) if out_dir else None)
+            model.on_train_epoch_end(epoch, epochs, out_dir=Path(write_dir) if write_dir else None)
 
             stop = max_steps is not None and step >= max_steps
             if (early_stopping_patience is not None and history["best_epoch"] is not None
                     and epoch - history["best_epoch"] >= early_stopping_patience):
                 history["stopped_early"] = stop = True
-            if last_path is not None:
+            if last_path is not None and write_dir is not None:
                 save_checkpoint(last_path, model, training={
                     "optimizers": [opt.state_dict() for opt in optimizers],
                     "schedulers": [sched.state_dict() for sched in schedulers],
@@ -286,6 +327,9 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
             if stop:
                 break
 
+    if parallel is not None:
+        step_fn = None  # the DDP wrapper goes with it: on_fit_end may train again (a prior)
+        parallel.finish(model)
     if best_state is not None and early_stopping_patience is not None:
         load_state_into(model, best_state, source="best_state")
     model.on_fit_end(original_train)
@@ -361,7 +405,8 @@ CLOSED_FORM_TRAIN_LOSS_IMAGES = 32
 def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                     max_steps: int | None = None, batch_size: int = 16, num_workers: int = 0,
                     device: str | torch.device = "auto", seed: int = 0,
-                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                    out_dir: str | Path | None = None, progress: bool = True,
+                    _parallel: distributed.DataParallel | None = None) -> dict[str, Any]:
     """:func:`fit` for a closed-form model: one ``model.solve`` on every training image.
 
     ``model.solve(images, seed=seed, progress=report)`` fits on all training images at once
@@ -374,6 +419,9 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
     ``epochs``, ``resume``, ``early_stopping_patience`` and ``grad_clip`` are accepted by
     :func:`fit` so one config trains any model, and have no effect. With ``out_dir`` the
     fitted model is written to ``last.ckpt`` like an iterative run's last epoch.
+
+    Data-parallel (``_parallel``, from :func:`fit` under torchrun): every process solves on
+    all images, then takes rank 0's state; rank 0 alone writes ``last.ckpt``.
     """
     device = resolve_device(device)
     seed_everything(seed)
@@ -391,6 +439,8 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
         model.to(device if model.solve_on_device else "cpu")
         model.solve(images, seed=seed, progress=report)
         model.to(device)
+        if _parallel is not None:
+            distributed.broadcast_state(model)
 
         def mean_loss(data) -> float:
             values = [loss(chunk.to(device)).double().sum().item()
@@ -419,16 +469,29 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
             raise TrainingError(f"closed-form fit of {type(model).__name__} gave a loss of {value}: "
                                 "check the input data for NaN/inf values")
     model.on_fit_end(train_data)
-    if out_dir is not None:
+    if out_dir is not None and (_parallel is None or _parallel.is_main):
         save_checkpoint(Path(out_dir) / LAST, model,
                         training={"optimizers": [], "schedulers": [], "history": copy.deepcopy(history),
                                   "best_state": None})
+    if _parallel is not None:
+        _parallel.finish(model)
     return history
 
 
+def _logged(losses: dict[str, torch.Tensor], parallel) -> dict[str, Any]:
+    """The step's losses as logged: as returned, or averaged over processes (floats)."""
+    return losses if parallel is None else parallel.mean_losses(losses)
+
+
 @torch.no_grad()
-def _validate(model, val_data, batch_size: int, device: torch.device, precision: str) -> float:
+def _validate(model, val_data, batch_size: int, device: torch.device, precision: str,
+              parallel: distributed.DataParallel | None = None) -> float:
+    """Mean validation loss per image; data-parallel: each process scores its shard and the
+    sums are added up, so every process gets the same number (and takes the same branch)."""
     total, n = 0.0, 0
+    if parallel is not None:
+        shard = parallel.val_shard(val_data)
+        val_data = shard if shard is not None else val_data
     with evaluating(model):
         for batch in as_loader(val_data, batch_size=batch_size):
             batch = move_to_device(batch, device)
@@ -437,4 +500,6 @@ def _validate(model, val_data, batch_size: int, device: torch.device, precision:
             count = len(batch["image"])
             total += float(loss) * count
             n += count
+    if parallel is not None:
+        total, n = parallel.sum([total, float(n)])
     return total / max(n, 1)
