@@ -134,6 +134,19 @@ SetOption = Annotated[
 ConfigOption = Annotated[
     str, typer.Option("--config", "-c", help="Profile name (quick, paper) or a YAML file.")]
 
+# Options of the INT8 quantisation, shared by `export --quantize int8` and `quantize`.
+CalibrationOption = Annotated[Path | None, typer.Option(
+    help="Folder of GOOD images (never the test set) that calibrate the INT8 ranges; up to 64, "
+         "evenly spaced.")]
+CheckOption = Annotated[Path | None, typer.Option(
+    help="MVTec-layout category folder (test/, ground_truth/): measure image and pixel AUROC of "
+         "FP32 and INT8 and refuse INT8 when either drops by more than --max-auroc-drop.")]
+MaxDropOption = Annotated[float, typer.Option(
+    help="Largest AUROC drop INT8 may cost (measured with --check).")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Write the INT8 model even when it loses more AUROC than allowed (recorded in its "
+         "metadata).")]
+
 
 # -- list / data -----------------------------------------------------------------------------
 
@@ -320,11 +333,26 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write, e.g. "
                                                           "model.onnx.")],
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
+    quantize: Annotated[str | None, typer.Option(
+        help="Also write an INT8 model beside --out (<stem>_int8.onnx): onnxruntime static "
+             "quantisation calibrated on --calibration.")] = None,
+    calibration: CalibrationOption = None,
+    check: CheckOption = None,
+    max_auroc_drop: MaxDropOption = 0.01,
+    force: ForceOption = False,
 ) -> None:
     """Export a checkpoint to ONE self-contained ONNX file (uint8 frames in, map + label out).
 
-    Prints the largest difference between onnxruntime and PyTorch on random frames.
+    Prints the largest difference between onnxruntime and PyTorch on random frames. With
+    --quantize int8 the FP32 file is written as always and the INT8 one beside it, unless
+    --check shows it loses more AUROC than --max-auroc-drop (then it is refused, exit 2).
     """
+    from anomalykit.errors import check_choice
+
+    if quantize is not None:  # fail on a bad option before the export, not after it
+        check_choice("--quantize", quantize, ("int8",))
+        if calibration is None:
+            raise ConfigError("--quantize int8 needs --calibration DIR (a folder of good images)")
     from anomalykit.pipeline import PARITY_OUTPUTS, export_with_parity
 
     with err_console.status(f"exporting {escape(str(checkpoint))} to ONNX..."):
@@ -339,6 +367,51 @@ def export(
     out_console.print(f"wrote {escape(str(result.path))} "
                       f"({result.path.stat().st_size / 1e6:.2f} MB)")
     out_console.print(table)
+    if quantize is not None:
+        int8_path = result.path.with_name(f"{result.path.stem}_int8{result.path.suffix}")
+        _quantize(result.path, int8_path, calibration, check=check,
+                  max_auroc_drop=max_auroc_drop, force=force, threads=1)
+
+
+def _quantize(model: Path, out: Path, calibration: Path | None, **options: Any) -> None:
+    """quantize_onnx, its notes printed as warnings (the same notes come back in the result)."""
+    import warnings
+
+    from anomalykit.export.quantize import quantize_onnx, summary_lines
+
+    if calibration is None:
+        raise ConfigError("--calibration DIR (a folder of good images) is required")
+    with err_console.status(f"quantising {escape(str(model))} to INT8..."), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize_onnx(model, out, calibration, **options)
+    for line in summary_lines(result):
+        if line.startswith("warning: "):
+            warn(line[len("warning: "):])
+        else:
+            out_console.print(escape(line))
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: Annotated[Path, typer.Argument(help="FP32 .onnx written by `anomalykit export`.")],
+    out: Annotated[Path, typer.Argument(help="INT8 .onnx to write.")],
+    calibration: CalibrationOption = None,
+    check: CheckOption = None,
+    max_auroc_drop: MaxDropOption = 0.01,
+    force: ForceOption = False,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for the FP32 / INT8 "
+                                              "comparison and timing.")] = 1,
+) -> None:
+    """Quantise an exported model to INT8 (onnxruntime static QDQ), calibrated on good images.
+
+    Only the networks' Conv / MatMul / Gemm are quantised; pre- and post-processing, scoring
+    and thresholds stay float. With --check the AUROC of both models is measured and INT8 is
+    refused (nothing written, exit 2) when it drops by more than --max-auroc-drop.
+    """
+    _quantize(model, out, calibration, check=check, max_auroc_drop=max_auroc_drop, force=force,
+              threads=threads)
 
 
 @app.command()

@@ -633,3 +633,26 @@ def test_serve_and_watch_name_a_missing_model(tmp_path: Path) -> None:
         assert str(missing) in result.stderr and "error" in result.stderr
     help_text = runner.invoke(app, ["serve", "--help"]).stdout
     assert "--max-batch" in help_text and "--max-pixels" in help_text
+
+
+def test_export_int8_beside_the_fp32_model_and_the_auroc_guard(trained: Path, dataset: Path,
+                                                              tmp_path: Path) -> None:
+    from anomalykit.export.runtime import OnnxDetector
+
+    good = dataset / CATEGORY / "train" / "good"
+    out = tmp_path / "model.onnx"
+    result = invoke("export", trained, "--out", out, "--quantize", "int8", "--calibration", good)
+    int8 = tmp_path / "model_int8.onnx"
+    assert out.is_file() and int8.is_file(), result.stdout
+    assert "quantization" in OnnxDetector(int8, device="cpu").metadata
+    # Any AUROC change is "too much" at a negative limit: refused, nothing written.
+    refused = tmp_path / "refused.onnx"
+    line = assert_error(runner.invoke(app, list(map(str, [
+        "quantize", out, refused, "--calibration", good, "--check", dataset / CATEGORY,
+        "--max-auroc-drop", "-1"]))))
+    assert "refused" in line and "auroc" in line and not refused.exists()
+    assert_error(runner.invoke(app, list(map(str, ["export", trained, "--out", tmp_path / "x.onnx",
+                                                   "--quantize", "int4"]))), "int4")
+    assert_error(runner.invoke(app, list(map(str, ["quantize", out, tmp_path / "y.onnx"]))),
+                 "--calibration")
+    assert not (tmp_path / "x.onnx").exists()

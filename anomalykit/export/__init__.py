@@ -7,6 +7,9 @@ imports torch, and a training machine without onnxruntime can still import this 
   :class:`InferenceWrapper` live in :mod:`anomalykit.export.onnx` (torch).
 - :class:`OnnxDetector`, :func:`available_providers`, :func:`overlay_heatmap`,
   :func:`read_image` live in :mod:`anomalykit.export.runtime` (numpy, onnxruntime, OpenCV).
+- :func:`quantize_onnx`, :func:`quantize_checkpoint` (INT8 static quantisation guarded by AUROC),
+  :class:`QuantizeResult`, :class:`QuantizationRefused` live in
+  :mod:`anomalykit.export.quantize` (onnxruntime.quantization, onnx).
 - :class:`TorchPredictor` (a checkpoint behind ``OnnxDetector``'s interface) and
   :func:`load_predictor` (``.ckpt`` or ``.onnx`` -> a predictor) live in
   :mod:`anomalykit.export.torch_predictor` (torch).
@@ -27,6 +30,10 @@ _LAZY = {
     "available_providers": "anomalykit.export.runtime",
     "overlay_heatmap": "anomalykit.export.runtime",
     "read_image": "anomalykit.export.runtime",
+    "QuantizationRefused": "anomalykit.export.quantize",
+    "QuantizeResult": "anomalykit.export.quantize",
+    "quantize_checkpoint": "anomalykit.export.quantize",
+    "quantize_onnx": "anomalykit.export.quantize",
     "TorchPredictor": "anomalykit.export.torch_predictor",
     "load_predictor": "anomalykit.export.torch_predictor",
 }
@@ -35,6 +42,8 @@ __all__ = [
     "ExportError",
     "InferenceWrapper",
     "OnnxDetector",
+    "QuantizationRefused",
+    "QuantizeResult",
     "TorchPredictor",
     "available_providers",
     "compare_with_torch",
@@ -42,6 +51,8 @@ __all__ = [
     "export_onnx",
     "load_predictor",
     "overlay_heatmap",
+    "quantize_checkpoint",
+    "quantize_onnx",
     "read_image",
 ]
 
