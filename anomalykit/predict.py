@@ -95,7 +95,7 @@ def predict_images(model: str | os.PathLike[str], source: str | os.PathLike[str]
     The images are listed (and an empty input rejected) before the model is loaded.
     """
     from anomalykit.data import read_image
-    from anomalykit.export.runtime import overlay_heatmap
+    from anomalykit.export.runtime import heatmap_range, overlay_heatmap
     from anomalykit.export.torch_predictor import load_predictor
     from anomalykit.training.checkpoint import atomic_write_text
     from anomalykit.training.progress import track
@@ -103,8 +103,7 @@ def predict_images(model: str | os.PathLike[str], source: str | os.PathLike[str]
     source, out = Path(source), Path(out_dir)
     files = collect_images(source, exclude=out)
     predictor = load_predictor(model, device=device)
-    pixel_threshold = float(getattr(predictor, "pixel_threshold", 0.0) or 0.0)
-    scale = {"vmin": 0.0, "vmax": 2.0 * pixel_threshold} if pixel_threshold > 0 else {}
+    scale = heatmap_range(getattr(predictor, "pixel_threshold", None))
     overlays = out / OVERLAYS_NAME
     overlays.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()

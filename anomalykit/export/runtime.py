@@ -253,6 +253,15 @@ def _unbatch(batch: dict[str, np.ndarray], row: int) -> dict[str, Any]:
     return result
 
 
+def heatmap_range(pixel_threshold: float | None) -> dict[str, float]:
+    """``vmin`` / ``vmax`` for :func:`overlay_heatmap` on one scale for every image: blue at 0,
+    red at twice the calibrated pixel threshold (the threshold sits mid-scale), so a calm good
+    image looks calm and a defect stands out. A model without a pixel threshold gets ``{}``
+    (each map on its own min/max)."""
+    threshold = float(pixel_threshold or 0.0)
+    return {"vmin": 0.0, "vmax": 2.0 * threshold} if threshold > 0 else {}
+
+
 def overlay_heatmap(image_rgb: np.ndarray, anomaly_map: np.ndarray, *, vmin: float | None = None,
                     vmax: float | None = None, alpha: float = 0.5) -> np.ndarray:
     """Blend a JET-coloured anomaly map over an image.

@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from anomalykit.export.runtime import OnnxDetector, decode_image, overlay_heatmap
+from anomalykit.export.runtime import OnnxDetector, decode_image, heatmap_range, overlay_heatmap
 from anomalykit.serve.batching import MicroBatcher, QueueFull, Scored
 from anomalykit.serve.limits import ServiceSettings, UploadError, image_size_from_header
 
@@ -161,7 +161,8 @@ class Service:
             self.metrics.anomalies.inc()
         if heatmap:
             payload["heatmap_png_base64"] = await loop.run_in_executor(
-                self.pool, _overlay_png_base64, image, outputs["anomaly_map"])
+                self.pool, _overlay_png_base64, image, outputs["anomaly_map"],
+                heatmap_range(self.detector.pixel_threshold))
         return payload
 
 
@@ -171,8 +172,10 @@ def _queue_full(depth: int, limit: int) -> UploadError:
                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def _overlay_png_base64(image: np.ndarray, anomaly_map: np.ndarray) -> str:
-    overlay = overlay_heatmap(image, anomaly_map)
+def _overlay_png_base64(image: np.ndarray, anomaly_map: np.ndarray,
+                        scale: dict[str, float]) -> str:
+    # One colour scale for every request (the predict command's): red = twice the threshold.
+    overlay = overlay_heatmap(image, anomaly_map, **scale)
     ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
     if not ok:
         raise UploadError(500, "cannot encode the heat-map as PNG")

@@ -1,7 +1,9 @@
 """Micro-batching: frames that arrive together are scored in one onnxruntime call.
 
-A batch of 8 costs several times less per image than 8 calls of one, so under load the
-service trades a few milliseconds of waiting (``wait_s``) for throughput. One worker task
+A batch of 8 costs less per image than 8 calls of one (on the 2-core development CPU,
+1.08-1.35x less for the toolkit's detectors: ``benchmarks/results/service_load/batch_cost.md``;
+more on wider CPUs and GPUs), so under load the service trades a few milliseconds of waiting
+(``wait_s``) for throughput. One worker task
 collects up to ``max_batch`` queued frames, groups them by shape (only same-size frames
 stack into one (N, H, W, 3) array), runs ``predict`` in a thread (onnxruntime releases the
 GIL, so the event loop keeps accepting requests meanwhile) and resolves each frame's future.
