@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -245,7 +246,8 @@ class Detector(Estimator):
 
     Calibration buffers (set by :meth:`calibrate` from held-out good images):
     ``threshold_`` (image score threshold), ``score_min_``/``score_max_`` (the
-    good-score range, for the normalised score), ``pixel_threshold_``.
+    good-score range, for the normalised score), ``pixel_threshold_``, and
+    ``calibration_record_`` (how they were set, read as :attr:`calibration_record`).
     """
 
     image_size: int
@@ -261,6 +263,8 @@ class Detector(Estimator):
         self.register_buffer("score_max_", torch.tensor(1.0))
         self.register_buffer("pixel_threshold_", torch.tensor(0.0))
         self.register_buffer("calibrated_", torch.tensor(False))
+        # JSON of calibration_record (uint8 bytes; empty until calibrate).
+        self.register_buffer("calibration_record_", torch.zeros(0, dtype=torch.uint8))
 
     def set_normalization(self, normalization: str) -> None:
         """Register input mean/std buffers for one of :data:`NORMALIZATIONS`."""
@@ -286,25 +290,43 @@ class Detector(Estimator):
         return ((score - self.threshold_) / span + 0.5).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def calibrate(self, good_data, *, quantile: float = 1.0, margin: float = 0.0,
+    def calibrate(self, good_data, *, rule: str | None = None, quantile: float | None = None,
+                  margin: float | None = None, fpr: float | None = None, tail: str | None = None,
                   pixel_quantile: float = 0.999, batch_size: int = 16,
                   progress: bool = False) -> float:
         """Set the thresholds from held-out GOOD images (never the test set).
 
         good_data: an :class:`~anomalykit.data.AnomalyDataset`, a DataLoader, or a
         tensor (N, 3, S, S) in [0, 1]. Returns the image threshold.
+
+        The image threshold follows ``rule`` (see
+        :func:`anomalykit.metrics.threshold.calibrate_threshold`): ``"quantile"`` (the
+        ``quantile`` of the good scores plus ``margin`` standard deviations; 1.0 = their
+        maximum) or ``"fpr"`` (a target false-alarm rate ``fpr`` on good images from a
+        ``tail`` model: ``gpd``, ``gaussian``, ``lognormal``). The pixel threshold is the
+        ``pixel_quantile`` of the good maps' pixels. How it was set is kept in
+        :attr:`calibration_record` (saved, loaded and exported with the model).
         """
+        import warnings
+
         import numpy as np
 
-        from anomalykit.metrics import threshold_from_good
+        from anomalykit.metrics.threshold import calibrate_threshold
         from anomalykit.training.inference import predict
 
+        # Options first (on a dummy score): a typo must not cost a pass over the images.
+        calibrate_threshold(np.zeros(1), rule=rule, quantile=quantile, margin=margin, fpr=fpr,
+                            tail=tail)
         result = predict(self, good_data, batch_size=batch_size, progress=progress,
                          desc="calibrate")
         if len(result["scores"]) == 0:
             raise ConfigError("calibrate needs at least one good image")
         scores = result["scores"]
-        threshold = threshold_from_good(scores, quantile=quantile, margin=margin)
+        threshold, record = calibrate_threshold(scores, rule=rule, quantile=quantile,
+                                                margin=margin, fpr=fpr, tail=tail)
+        if record.get("fallback"):
+            warnings.warn(f"calibrate: {record['fallback']}", UserWarning, stacklevel=2)
+        record["pixel_quantile"] = float(pixel_quantile)
         pixel_threshold = float(np.quantile(result["maps"], pixel_quantile))
         device = self.threshold_.device
         self.threshold_.copy_(torch.tensor(threshold, device=device))
@@ -312,4 +334,33 @@ class Detector(Estimator):
         self.score_max_.copy_(torch.tensor(float(max(scores.max(), threshold)), device=device))
         self.pixel_threshold_.copy_(torch.tensor(pixel_threshold, device=device))
         self.calibrated_.fill_(True)
+        self.calibration_record = record
         return threshold
+
+    @property
+    def calibration_record(self) -> dict[str, Any]:
+        """How the thresholds were set (rule, rate, tail model and parameters, number of good
+        images, ...; see :func:`anomalykit.metrics.threshold.calibrate_threshold`); ``{}``
+        before :meth:`calibrate` and for checkpoints written before the record existed."""
+        raw = bytes(self.calibration_record_.cpu().numpy().tobytes())
+        return json.loads(raw.decode("utf-8")) if raw else {}
+
+    @calibration_record.setter
+    def calibration_record(self, record: dict[str, Any]) -> None:
+        # A uint8 buffer of JSON: a buffer is what save/load, state_dict and device moves
+        # already carry; a plain attribute would be lost by load_state_dict.
+        data = json.dumps(record, sort_keys=True).encode("utf-8")
+        self._buffers["calibration_record_"] = torch.tensor(
+            list(data), dtype=torch.uint8, device=self.calibration_record_.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "calibration_record_"
+        if key in state_dict:
+            # Its length is the JSON's: take the incoming shape before copying.
+            self._buffers["calibration_record_"] = torch.empty_like(
+                state_dict[key], device=self.calibration_record_.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # a checkpoint from before the record: load it without

@@ -51,7 +51,7 @@ INPUT_FORMAT = "uint8 NHWC RGB"
 RESERVED_KEYS = frozenset({
     "anomalykit_version", "detector", "config", "image_size", "threshold", "pixel_threshold",
     "score_min", "score_max", "calibrated", "outputs", "input_format", "input_name", "opset",
-    "training",
+    "training", "threshold_rule", "target_fpr", "expected_fpr", "calibration",
 })
 
 
@@ -108,6 +108,17 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def _calibration_metadata(record: dict[str, Any]) -> dict[str, str]:
+    """``threshold_rule``, ``target_fpr``, ``expected_fpr``, ``calibration`` from a detector's
+    calibration record (``""`` where unknown: a model calibrated before records existed)."""
+    def number(key: str) -> str:
+        return repr(float(record[key])) if record.get(key) is not None else ""
+
+    return {"threshold_rule": str(record.get("rule", "")), "target_fpr": number("target_fpr"),
+            "expected_fpr": number("predicted_fpr"),
+            "calibration": json.dumps(record, sort_keys=True)}
+
+
 def build_metadata(detector: nn.Module, *, opset: int,
                    metadata: dict[str, Any] | None = None) -> dict[str, str]:
     """The ``metadata_props`` of an exported model (all strings, deterministic).
@@ -130,6 +141,10 @@ def build_metadata(detector: nn.Module, *, opset: int,
         "opset": str(opset),
         "training": json.dumps(getattr(detector, "checkpoint_meta", None) or {}, sort_keys=True,
                                default=str),
+        # What the line will experience: the threshold's rule, its target false-alarm rate on
+        # good images (fpr rule; "" for the quantile rule), the rate the rule expects, and the
+        # whole calibration record (tail model, parameters, number of good images) as JSON.
+        **_calibration_metadata(getattr(detector, "calibration_record", None) or {}),
     }
     for key, value in (metadata or {}).items():
         if key in RESERVED_KEYS:

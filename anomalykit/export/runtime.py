@@ -28,8 +28,10 @@ CUDA = "CUDAExecutionProvider"
 
 # Metadata every anomalykit export carries; a model without it was not made by us.
 REQUIRED_METADATA = ("anomalykit_version", "detector", "image_size", "threshold", "outputs")
-_JSON_KEYS = ("config", "outputs", "training")
+_JSON_KEYS = ("config", "outputs", "training", "calibration")
 _FLOAT_KEYS = ("threshold", "pixel_threshold", "score_min", "score_max")
+# Floats that are "" where they do not apply (target_fpr of the quantile rule) -> None.
+_OPTIONAL_FLOAT_KEYS = ("target_fpr", "expected_fpr")
 _INT_KEYS = ("image_size", "opset")
 
 
@@ -73,6 +75,9 @@ def _parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
     for key in _FLOAT_KEYS:
         if key in parsed:
             parsed[key] = float(parsed[key])
+    for key in _OPTIONAL_FLOAT_KEYS:
+        if key in parsed:
+            parsed[key] = float(parsed[key]) if parsed[key] else None
     for key in _INT_KEYS:
         if key in parsed:
             parsed[key] = int(parsed[key])
