@@ -1,4 +1,5 @@
-"""Data layer: readers (MVTec, generic folders), records, transforms, dataset, synthetic data.
+"""Data layer: readers (MVTec AD/MPDD, VisA, MVTec LOCO AD, MVTec AD 2, BTAD, generic folders;
+:mod:`anomalykit.data.formats` names and detects them), records, transforms, dataset, synthetic data.
 
 Images are always ``(H, W, 3) uint8`` RGB once read and ``(3, S, S) float32`` in ``[0, 1]``
 once served by :class:`AnomalyDataset`; normalisation is left to each detector.
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
     from anomalykit.data.cache import DEFAULT_CACHE_BYTES, ImageCache
     from anomalykit.data.dataset import AnomalyDataset
     from anomalykit.data.folder import scan_folder
+    from anomalykit.data.formats import (
+        FORMAT_CHOICES,
+        FORMATS,
+        detect_format,
+        list_categories,
+        resolve_format,
+        scan_split,
+    )
     from anomalykit.data.io import IMAGE_EXTENSIONS, decode_image, read_image, read_mask
     from anomalykit.data.mvtec import list_mvtec_categories, scan_mvtec
     from anomalykit.data.records import ImageRecord, split_train_val, validate_records
@@ -34,6 +43,12 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "AnomalyDataset": "dataset",
     "scan_folder": "folder",
+    "FORMAT_CHOICES": "formats",
+    "FORMATS": "formats",
+    "detect_format": "formats",
+    "list_categories": "formats",
+    "resolve_format": "formats",
+    "scan_split": "formats",
     "DEFAULT_CACHE_BYTES": "cache",
     "ImageCache": "cache",
     "IMAGE_EXTENSIONS": "io",
@@ -58,6 +73,8 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFECTS",
     "EASY_CATEGORY",
+    "FORMATS",
+    "FORMAT_CHOICES",
     "IMAGE_EXTENSIONS",
     "SYNTHETIC_CATEGORIES",
     "AnomalyDataset",
@@ -65,13 +82,17 @@ __all__ = [
     "ImageRecord",
     "build_transform",
     "decode_image",
+    "detect_format",
     "ensure_synthetic",
     "generate_synthetic",
+    "list_categories",
     "list_mvtec_categories",
     "read_image",
     "read_mask",
+    "resolve_format",
     "scan_folder",
     "scan_mvtec",
+    "scan_split",
     "split_train_val",
     "validate_records",
 ]

@@ -50,9 +50,17 @@ Entry = dict[str, np.ndarray]
 
 
 def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(mtime_ns, size)`` of ``path``; raises OSError when it cannot be stat'ed."""
+    """``(mtime_ns, size)`` of ``path``; raises OSError when it cannot be stat'ed.
+
+    A folder (a ground truth of several mask files) stamps as its newest entry and the total
+    size of its files, so editing one of them changes the stamp.
+    """
     stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
+    if not os.path.isdir(path):
+        return stat.st_mtime_ns, stat.st_size
+    entries = [os.stat(entry.path) for entry in os.scandir(path) if entry.is_file()]
+    return (max([stat.st_mtime_ns, *(e.st_mtime_ns for e in entries)]),
+            sum(e.st_size for e in entries))
 
 
 class ImageCache:

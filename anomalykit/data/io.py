@@ -94,9 +94,11 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     Any non-zero value is a defect pixel, whatever the bit depth. Multi-channel masks are
     reduced with ``max`` over their colour channels; an alpha channel (gray+alpha, RGBA) is
     dropped first, because an opaque alpha plane would otherwise mark every pixel as defective.
+    A folder is the union of the mask files in it (MVTec LOCO AD annotates each defect region
+    of an image in its own file, ``ground_truth/<defect>/<stem>/000.png, 001.png, ...``).
 
     Args:
-        path: Mask file, usually a 0/255 PNG.
+        path: Mask file, usually a 0/255 PNG, or a folder of mask files of one size.
 
     Returns:
         ``(H, W) uint8`` array with values in ``{0, 1}``.
@@ -105,6 +107,8 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         DataError: the file is missing, cannot be decoded, or has more than 4 channels.
     """
     p = Path(path)
+    if p.is_dir():
+        return _read_mask_folder(p)
     # No 16-bit -> 8-bit scaling here: it would turn small non-zero labels (1, 2, ...) into 0.
     mask = _decode_mask(p)
     if mask.ndim == 3:
@@ -115,6 +119,26 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             raise DataError(f"mask {p} has {channels} channels; expected 1, 2, 3 or 4")
         mask = mask.max(axis=2)
     return (mask > 0).astype(np.uint8)
+
+
+def mask_files(folder: Path) -> list[Path]:
+    """The mask files of a ground-truth folder, in name order (hidden files skipped)."""
+    return sorted(f for f in folder.iterdir() if is_image_file(f))
+
+
+def _read_mask_folder(folder: Path) -> np.ndarray:
+    """Union of the masks in ``folder``; DataError for an empty folder or files of two sizes."""
+    files = mask_files(folder)
+    if not files:
+        raise DataError(f"ground-truth folder {folder} holds no mask file")
+    union = read_mask(files[0])
+    for file in files[1:]:
+        part = read_mask(file)
+        if part.shape != union.shape:
+            raise DataError(f"mask {file} is {part.shape[1]}x{part.shape[0]} but {files[0]} in "
+                            f"the same ground-truth folder is {union.shape[1]}x{union.shape[0]}")
+        np.maximum(union, part, out=union)
+    return union
 
 
 def write_png(path: str | os.PathLike[str], image_rgb: np.ndarray) -> Path:
