@@ -13,12 +13,16 @@ import pytest
 from tiny_detector import TinyConvDetector
 from torch import Tensor
 
-from anomalykit.benchmark import COLUMNS, read_csv, run_benchmark, runner
+from anomalykit.benchmark import COLUMNS, markdown_tables, read_csv, run_benchmark, runner
 from anomalykit.benchmark.report import (
     environment_info,
+    example_tiles,
+    load_examples,
     markdown_report,
     metric_table,
     roc_curve,
+    save_examples,
+    summary_table,
     write_report,
 )
 from anomalykit.benchmark.timing import FIELDS
@@ -131,7 +135,8 @@ def test_two_categories_with_onnx_and_report(dataset: Path, config: Path, tmp_pa
     html = (tmp_path / "report.html").read_text()
     sources = re.findall(r"src='([^']+)'", html)
     assert {f"figures/{c}/roc.png" for c in CATEGORIES} <= set(sources)
-    assert {f"runs/{GOOD}/{c}/examples.png" for c in CATEGORIES} <= set(sources)
+    assert {f"figures/{c}/examples/r0_c2.png" for c in CATEGORIES} <= set(sources)
+    assert "figures/quality_cost.png" in sources
     assert all((tmp_path / s).is_file() for s in sources)
     header, body = metric_table(rows, "image_auroc")
     assert header == ["detector", *CATEGORIES, "mean"] and body[0][0] == GOOD
@@ -196,7 +201,7 @@ def test_report_header_and_rebuild(tmp_path: Path) -> None:
     assert "`anomalykit benchmark --detectors a`" in text and info["date"] in text
     paths = write_report(rows, tmp_path, info)  # no predictions saved: tables only
     assert all(p.is_file() for p in paths.values())
-    assert "<table>" in (tmp_path / "report.html").read_text()
+    assert "<table class='summary'>" in (tmp_path / "report.html").read_text()
 
 
 def test_export_failure_keeps_the_metrics(dataset: Path, config: Path, tmp_path: Path,
@@ -232,3 +237,121 @@ def test_time_inference_script_writes_the_tables(config: Path, tmp_path: Path,
     markdown = (out / "timing.md").read_text()
     assert f"| {GOOD} | 32 | 2 |" in markdown
     assert "wrote" in capsys.readouterr().out
+
+
+# -- the summary report (issue 14) -----------------------------------------------------------
+
+
+def test_summary_marks_the_best_of_each_column_and_flags_partial_detectors() -> None:
+    rows = [
+        {"detector": "a", "category": "x", "image_auroc": 0.9, "fpr_good": 0.2, "train_s": 5.0},
+        {"detector": "a", "category": "y", "image_auroc": 0.7, "fpr_good": 0.0, "train_s": 7.0},
+        {"detector": "b", "category": "x", "image_auroc": 0.8, "fpr_good": 0.1, "train_s": 1.0},
+        {"detector": "b", "category": "y", "error": "RuntimeError: boom"},
+        {"detector": "c", "category": "x", "error": "RuntimeError: boom"},
+        {"detector": "c", "category": "y", "error": "RuntimeError: boom"},
+    ]
+    metrics, header, body, best = summary_table(rows)
+    assert metrics == ["image_auroc", "fpr_good", "train_s"]  # columns nobody has are left out
+    assert header == ["detector", "image AUROC", "false alarms (good)", "fit s"]
+    assert body == [["a", "0.800", "0.100", "6.0"], ["b †", "0.800", "0.100", "1.0"],
+                    ["c", "error", "error", "error"]]
+    # higher AUROC is better, lower false alarms and time; equal printed values tie
+    assert best == [[True, True, False], [True, True, True], [False, False, False]]
+    _, _, x_body, x_best = summary_table(rows, "x")
+    assert x_body[0] == ["a", "0.900", "0.200", "5.0"] and x_best[0] == [True, False, False]
+    assert "| a | **0.800** | **0.100** | 6.0 |" in markdown_tables(rows, split_costs=False)
+    markdown = markdown_tables(rows)  # the terminal's copy: costs in a table of their own
+    assert "| a | **0.800** | **0.100** |\n" in markdown and "| a | 6.0 |\n" in markdown
+    assert markdown.index("## Summary") < markdown.index("## x") < markdown.index("## y")
+    assert "`image_auroc`" in markdown and "- c / y: RuntimeError: boom" in markdown
+
+
+def test_summary_with_several_seeds_is_mean_and_std_and_one_detector_marks_nothing() -> None:
+    rows = [{"detector": "a", "category": "x", "seed": s, "image_auroc": v}
+            for s, v in ((0, 0.5), (1, 1.0))]
+    _, _, body, best = summary_table(rows)
+    assert body == [["a", "0.750 ± 0.354"]] and best == [[False]]
+
+
+def _examples(path_names: list[str], labels: list[int], maps: np.ndarray,
+              pixel_threshold: float, tmp: Path) -> dict[str, np.ndarray]:
+    """What save_examples writes, for images it reads from ``tmp``."""
+    import cv2
+
+    paths = []
+    for name in path_names:
+        paths.append(str(tmp / name))
+        cv2.imwrite(paths[-1], np.full((40, 40, 3), 128, np.uint8))
+    predictions = {"maps": maps, "scores": maps.reshape(len(maps), -1).max(1),
+                   "labels": np.asarray(labels), "paths": paths,
+                   "defect_types": ["good" if v == 0 else "hole" for v in labels],
+                   "masks": (maps > pixel_threshold).astype(np.uint8)}
+    file = save_examples(predictions, tmp / f"ex{pixel_threshold}.npz", threshold=1.0,
+                         pixel_threshold=pixel_threshold, size=16)
+    return load_examples(file)
+
+
+def test_examples_share_images_and_colour_at_the_detectors_pixel_threshold(tmp_path: Path) -> None:
+    names = ["g0.png", "d0.png", "g1.png", "d1.png"]
+    labels = [0, 1, 0, 1]
+    maps = np.zeros((4, 32, 32), np.float32)
+    maps[1], maps[3] = 2.0, 2.0  # defects: twice detector a's pixel threshold (1.0)
+    a = _examples(names, labels, maps, 1.0, tmp_path)
+    b = _examples(names, labels, maps * 10, 10.0, tmp_path)  # same maps, 10x the scale
+    assert [Path(p).name for p in a["paths"]] == ["d0.png", "d1.png", "g0.png", "g1.png"]
+    assert a["maps"].shape == (4, 16, 16) and a["images"].shape == (4, 16, 16, 3)
+    assert float(a["pixel_threshold"]) == 1.0 and list(a["labels"]) == [1, 1, 0, 0]
+
+    grid = example_tiles({"a": a, "b": b}, tmp_path / "tiles")
+    assert len(grid) == 4 and all(len(row["tiles"]) == 4 for row in grid)
+    import cv2
+
+    def colour(tile: Path) -> np.ndarray:
+        return cv2.imread(str(tile))[8, 8].astype(int)  # BGR
+
+    for column in (2, 3):  # each on its own threshold: identical colours
+        defect, good = colour(grid[0]["tiles"][column]), colour(grid[2]["tiles"][column])
+        assert defect[2] > defect[0] + 50  # red at twice the threshold
+        assert good[0] > good[2] + 50  # blue at 0: a calm good image looks calm
+    np.testing.assert_array_equal(colour(grid[0]["tiles"][2]), colour(grid[0]["tiles"][3]))
+    assert grid[0]["captions"][2] == "score 2 NG" and grid[2]["captions"][2] == "score 0 OK"
+
+
+def test_report_with_one_detector_and_an_error_row_is_well_formed_html(
+        dataset: Path, config: Path, tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+
+    rows = run_benchmark([GOOD, BROKEN], dataset, CATEGORIES[:1], config=config,
+                         out_dir=tmp_path, device="cpu", onnx=False, progress=False, threads=1)
+    assert [bool(r["error"]) for r in rows] == [False, True]
+    assert 0.0 <= rows[0]["miss_rate"] <= 1.0
+    assert rows[0]["threshold_rule"].startswith(("quantile", "fpr"))  # how it was calibrated
+    text = (tmp_path / "report.html").read_text()
+
+    class Balanced(HTMLParser):
+        VOID = {"meta", "img", "br", "link", "input"}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.open: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in self.VOID:
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open and self.open[-1] == tag, (tag, self.open[-5:])
+            self.open.pop()
+
+    parser = Balanced()
+    parser.feed(text)
+    assert parser.open == []
+    assert text.index("class='summary'") < text.index("class='examples'")
+    assert "http" not in "".join(re.findall(r"src='([^']+)'", text))
+    sources = re.findall(r"src='([^']+)'", text)
+    assert all((tmp_path / s).is_file() for s in sources)
+    # one detector ran: the grid is image, ground truth and its column
+    assert text.count("<th>image</th><th>ground truth</th><th>") == 1
+    assert "boom in training_step" in text and read_csv(tmp_path / "results.csv")[0]["miss_rate"]
+    assert f"Threshold rule: {rows[0]['threshold_rule']}." in text

@@ -7,13 +7,15 @@ on a cluster or a local Ray; see :mod:`anomalykit.benchmark.executors`).
 Layout and resume. Each job has a run folder: ``runs/<detector>/<category>/`` when the
 benchmark has one seed (the layout of a single-seed benchmark is unchanged) and
 ``runs/<detector>/<category>/seed<k>/`` when it has several. The job's worker writes its
-artefacts there (``model.ckpt``, ``model.onnx``, ``predictions.npz``, ``examples.png``,
-``error.txt`` when it failed); the driver writes the job's row there as ``row.json``
-(atomically) as soon as the row comes back, then rebuilds ``results.csv``, ``results.md``
-and ``report.html`` from all the rows so far. Nothing else in the benchmark folder is
-written by a worker. A rerun into the same folder (``resume=True``) reuses every row.json
-without an error that matches its job (detector, category, seed, config label, data,
-ONNX on/off) and runs the rest, so failed jobs run again; ``resume=False`` runs everything.
+artefacts there (``model.ckpt``, ``model.onnx``, ``predictions.npz``, ``examples.npz``: a
+few test images, masks and low-resolution maps with the calibrated thresholds, from which
+the driver draws the side-by-side examples; ``error.txt`` when it failed); the driver
+writes the job's row there as ``row.json`` (atomically) as soon as the row comes back,
+then rebuilds ``results.csv``, ``results.md`` and ``report.html`` from all the rows so far.
+Nothing else in the benchmark folder is written by a worker. A rerun into the same folder
+(``resume=True``) reuses every row.json without an error that matches its job (detector,
+category, seed, config label, data, ONNX on/off) and runs the rest, so failed jobs run
+again; ``resume=False`` runs everything.
 
 On a cluster, the data paths and the benchmark folder must be valid on every node: a
 shared filesystem (NFS, a mounted bucket) or the same path on each node. Without a shared
@@ -37,7 +39,7 @@ import math
 import os
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,7 @@ from anomalykit.benchmark.executors import (
     job_time_limit,
 )
 from anomalykit.errors import ConfigError
+from anomalykit.tracking import RunLog, TrackingConfig, start_parent_run, track_run
 
 if TYPE_CHECKING:
     from anomalykit.pipeline import FolderData
@@ -87,12 +90,15 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
                    config: str | os.PathLike[str], overrides: Sequence[str] | None,
                    out_dir: str | os.PathLike[str], device: str, seed: int, onnx: bool = True,
                    progress: bool = True, folder: FolderData | None = None,
-                   run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                   run: RunLog | None = None,
+                   run_dir: str | os.PathLike[str] | None = None,
+                   format: str | None = "auto") -> dict[str, Any]:
     """Run one job and return its results row (see :data:`report.COLUMNS`).
 
     Everything it writes goes to ``run_dir`` (default ``out_dir/runs/<detector>/<category>``):
-    checkpoint, ONNX model, predictions, example heat maps, training figures.
-    With ``folder`` the data is that folder dataset and ``category`` only names it.
+    checkpoint, ONNX model, predictions, example arrays, training figures.
+    With ``folder`` the data is that folder dataset and ``category`` only names it; else
+    ``root`` is read in layout ``format`` (:mod:`anomalykit.data.formats`; ``auto``: detected).
     """
     from rich.markup import escape
 
@@ -104,16 +110,17 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
 
     run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / "runs" / detector / category
     data: dict[str, Any] = ({"folder": folder} if folder is not None
-                            else {"root": root, "category": category})
+                            else {"root": root, "category": category, "format": format})
     trained = train_detector(detector, **data, config=config,
                              overrides=list(overrides or []), out_dir=run_dir, device=device,
-                             seed=seed, progress=progress)
+                             seed=seed, progress=progress, run=run)
     model = trained.detector
     evaluation = evaluate_detector(model, trained.test_records, progress=progress)
     report.save_predictions(evaluation.predictions, run_dir / report.PREDICTIONS)
-    report.plot_examples(evaluation.predictions, run_dir / report.EXAMPLES,
-                         f"{detector} on {category} (seed {seed})",
-                         threshold=float(model.threshold_))
+    calibrated = bool(getattr(model, "calibrated_", False))
+    report.save_examples(evaluation.predictions, run_dir / report.EXAMPLE_ARRAYS,
+                         threshold=float(model.threshold_) if calibrated else None,
+                         pixel_threshold=float(model.pixel_threshold_) if calibrated else None)
 
     if hasattr(model, "example_figures"):
         import torch
@@ -139,11 +146,16 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
                           f"{escape(notes[-1])}", highlight=False, soft_wrap=True)
 
     metrics = evaluation.metrics
+    if run is not None:
+        run.log_evaluation(metrics, sorted(run_dir.glob("*.png")))
+        run.log_metrics({"time/torch_ms": torch_ms, "time/onnx_ms": onnx_ms})
     return {
         "detector": detector,
         "category": category,
         **{key: metrics.get(key) for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap",
                                              "f1_max", "f1_at_threshold", "fpr_good")},
+        "miss_rate": _miss_rate(metrics.get("tpr_defect")),
+        "threshold_rule": _threshold_rule(model),
         "train_s": trained.meta["train_seconds"],
         "torch_ms": torch_ms,
         "onnx_ms": onnx_ms,
@@ -154,6 +166,25 @@ def benchmark_pair(detector: str, category: str, *, root: str | os.PathLike[str]
         "error": "",
         "notes": "; ".join(notes),
     }
+
+
+def _miss_rate(tpr_defect: float | None) -> float | None:
+    """Defective images passed as good at the calibrated threshold: ``1 - tpr_defect``."""
+    return None if tpr_defect is None else 1.0 - float(tpr_defect)
+
+
+def _threshold_rule(model: Any) -> str:
+    """How the image threshold was set, for the report: ``quantile 1`` (of the held-out good
+    scores; 1 = their maximum), ``fpr 0.01 (gpd)``; empty when the model does not say."""
+    record = getattr(model, "calibration_record", None) or {}
+    rule = str(record.get("rule", ""))
+    if rule == "quantile" and record.get("quantile") is not None:
+        margin = float(record.get("margin") or 0.0)
+        return f"quantile {float(record['quantile']):g}" + (f" + {margin:g} std" if margin else "")
+    if rule == "fpr" and record.get("target_fpr") is not None:
+        used = record.get("tail_used") or record.get("tail")
+        return f"fpr {float(record['target_fpr']):g}" + (f" ({used})" if used else "")
+    return rule
 
 
 def _time_onnx(model: Any, run_dir: Path, category: str, seed: int, paths: Sequence[Path],
@@ -190,6 +221,7 @@ class JobSpec:
         modules: Modules to import in a worker before the job: where detectors registered
             outside anomalykit live (a fresh worker knows only the built-in ones).
         progress: Progress bars inside the job (off on Ray: workers have no terminal).
+        format: The layout ``root`` is read in (resolved, never ``auto``).
     """
 
     root: str | None
@@ -204,7 +236,9 @@ class JobSpec:
     threads: int | None = None
     job_timeout: float | None = None
     modules: tuple[str, ...] = ()
+    tracking: TrackingConfig | None = None  # a child run per job (anomalykit.tracking)
     progress: bool = False
+    format: str = "mvtec"
 
     @property
     def data_label(self) -> str:
@@ -213,7 +247,7 @@ class JobSpec:
             folder = self.folder
             return (f"folder {folder.good_dir} {folder.defect_dir} {folder.mask_dir} "
                     f"test_fraction={folder.test_fraction:g}")
-        return f"root {self.root}"
+        return f"root {self.root}" + (f" format={self.format}" if self.format != "mvtec" else "")
 
     def run_dir(self, job: Job) -> Path:
         """The job's folder (see the module docstring for the layout)."""
@@ -240,17 +274,22 @@ def run_job(job: Job, spec: JobSpec) -> dict[str, Any]:
     """
     run_dir = spec.run_dir(job)
     try:
-        with job_time_limit(spec.job_timeout):
+        with job_time_limit(spec.job_timeout), track_run(
+                spec.tracking, f"{job.detector}/{job.category}/seed{job.seed}",
+                tags={"detector": job.detector, "category": job.category,
+                      "seed": job.seed, "benchmark": spec.out_dir}) as run:
             for module in spec.modules:
                 importlib.import_module(module)
             if spec.threads is not None:
                 import torch
 
                 torch.set_num_threads(spec.threads)
-            row = benchmark_pair(job.detector, job.category, root=spec.root, config=spec.config,
+            row = benchmark_pair(job.detector, job.category, run=run, root=spec.root,
+                                 config=spec.config,
                                  overrides=list(spec.overrides), out_dir=spec.out_dir,
                                  device=spec.device, seed=job.seed, onnx=spec.onnx,
-                                 progress=spec.progress, folder=spec.folder, run_dir=run_dir)
+                                 progress=spec.progress, folder=spec.folder, run_dir=run_dir,
+                                 format=spec.format)
             row["config"] = spec.config_label  # as the user wrote it, not the absolute path
     except (Exception, JobTimeout) as exc:  # noqa: BLE001 - one failing job must not stop the rest
         from rich.markup import escape
@@ -297,34 +336,45 @@ def load_finished_row(job: Job, spec: JobSpec) -> dict[str, Any] | None:
 
 def _check_inputs(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                   categories: Sequence[str], config: str | os.PathLike[str],
-                  overrides: Sequence[str] | None, folder: FolderData | None = None) -> None:
-    """Fail before the first job on typos: names, categories or folders, config keys.
+                  overrides: Sequence[str] | None, folder: FolderData | None = None,
+                  format: str | None = "auto") -> str:
+    """Fail before the first job on typos: names, categories or folders, config keys, and a
+    dataset layout that is unknown or cannot be detected.
 
     A per-job failure is recorded and skipped; a typo would otherwise turn the whole
     benchmark into a table of identical error rows.
+
+    Returns:
+        The resolved layout name (``folder`` for a folder dataset).
     """
     from anomalykit.config import load_config
-    from anomalykit.data import list_mvtec_categories, scan_folder
+    from anomalykit.data import scan_folder
+    from anomalykit.data.formats import FOLDER, FORMATS, resolve_format
+    from anomalykit.pipeline import check_format
 
     if not detectors:
         raise ConfigError("no detectors to benchmark")
     for detector in detectors:
         load_config(detector, config, list(overrides or []))  # checks the name too
+    check_format(format, folder)
     if folder is not None:
         if folder.defect_dir is None:
             raise ConfigError(f"benchmarking on {folder.good_dir} needs defective test images "
                               "(--defect-dir)")
         scan_folder(folder.good_dir, folder.defect_dir, folder.mask_dir)  # names a bad folder
-        return
+        return FOLDER
     if root is None:
-        raise ConfigError("no data: give a dataset root (MVTec AD layout) or a folder dataset")
-    available = list_mvtec_categories(root)
+        raise ConfigError("no data: give a dataset root or a folder dataset")
+    name = resolve_format(root, format)
+    available = FORMATS[name].list_categories(Path(root))
     if not categories:
         raise ConfigError(f"no categories to benchmark in {root}")
     missing = [c for c in categories if c not in available]
     if missing:
-        raise ConfigError(f"category {', '.join(repr(c) for c in missing)} not found in {root}; "
-                          f"available: {', '.join(available) or 'none'}")
+        raise ConfigError(f"category {', '.join(repr(c) for c in missing)} not found in {root} "
+                          f"({FORMATS[name].title} layout); available: "
+                          f"{', '.join(available) or 'none'}")
+    return name
 
 
 def _plugin_modules(detectors: Sequence[str]) -> tuple[str, ...]:
@@ -346,24 +396,27 @@ def _check_seeds(seed: int, seeds: Sequence[int] | None) -> list[int]:
 
 def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                   categories: Sequence[str], *, folder: FolderData | None = None,
-                  config: str | os.PathLike[str] = "quick",
+                  format: str | None = "auto", config: str | os.PathLike[str] = "quick",
                   overrides: Sequence[str] | None = None,
                   out_dir: str | os.PathLike[str] = "runs/benchmark", device: str = "auto",
                   seed: int = 0, seeds: Sequence[int] | None = None, onnx: bool = True,
                   progress: bool = True, threads: int | None = None, command: str | None = None,
                   executor: str = "local", address: str | None = None,
                   cpus_per_job: float = 1.0, ray_num_cpus: int | None = None,
-                  resume: bool = True, job_timeout: float | None = None
+                  resume: bool = True, job_timeout: float | None = None,
+                  tracking: TrackingConfig | None = None
                   ) -> list[dict[str, Any]]:
     """Benchmark every detector on every category and seed; write results.csv/.md, report.html.
 
     Args:
         detectors: Registered detector names.
-        root: MVTec-layout dataset root (``None`` with ``folder``).
-        categories: Category folders under ``root``; ignored with ``folder``.
+        root: Dataset root (``None`` with ``folder``).
+        categories: Categories of ``root``; ignored with ``folder``.
         folder: Benchmark on this folder dataset (:class:`~anomalykit.pipeline.FolderData`,
             with a defect folder) instead; its :attr:`~anomalykit.pipeline.FolderData.name`
             is the results' category.
+        format: The layout of ``root`` (:data:`anomalykit.data.formats.FORMAT_CHOICES`;
+            ``auto``: detected, failing when it is ambiguous).
         config, overrides: Profile/YAML and ``key=value`` overrides, the same for every job.
         out_dir: Benchmark folder (see :mod:`anomalykit.benchmark.report` for its layout).
         device: ``auto``/``cpu``/``cuda[:N]`` for training and PyTorch inference (resolved
@@ -384,6 +437,8 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
         resume: Reuse the rows of jobs that already finished in ``out_dir`` (see the module
             docstring); ``False`` runs every job again.
         job_timeout: Seconds a job may run before it becomes an error row (``None``: no limit).
+        tracking: Log a parent run for the benchmark and a child run per job (see
+            :mod:`anomalykit.tracking`); ``None``: not tracked.
 
     Returns:
         The rows, ordered by (detector, category, seed) as given; failed jobs have a
@@ -404,7 +459,7 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
     seed_list = _check_seeds(seed, seeds)
     if folder is not None:
         root, categories = None, [folder.name]
-    _check_inputs(detectors, root, categories, config, overrides, folder)
+    data_format = _check_inputs(detectors, root, categories, config, overrides, folder, format)
     if executor == "ray":
         pool: LocalExecutor | RayExecutor = RayExecutor(
             address=address, cpus_per_job=cpus_per_job, num_cpus=ray_num_cpus,
@@ -434,7 +489,13 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
                    overrides=tuple(overrides or ()), out_dir=str(out), device=torch_device,
                    onnx=onnx, several_seeds=len(seed_list) > 1, threads=threads,
                    job_timeout=job_timeout, modules=_plugin_modules(detectors),
-                   progress=progress and executor == "local")
+                   progress=progress and executor == "local", format=data_format)
+    parent, job_tracking = start_parent_run(
+        tracking, f"benchmark {out.name}",
+        config={"detectors": ",".join(detectors), "categories": ",".join(categories),
+                "seeds": ",".join(map(str, seed_list)), "config": spec.config_label,
+                "device": torch_device, "onnx": onnx})
+    spec = replace(spec, tracking=job_tracking)
     info = report.environment_info(torch_device, command or "(python API) run_benchmark")
     if onnx:
         info["device"] += f"; onnxruntime on {_onnx_device(torch_device)}"
@@ -478,4 +539,8 @@ def run_benchmark(detectors: Sequence[str], root: str | os.PathLike[str] | None,
         # Also on Ctrl-C, and when every row was reused: the report covers every finished job.
         if rows:
             report.write_report(ordered(), out, info)
+            parent.log_files([out / name for name in ("results.csv", "results.md",
+                                                      "report.html", "figures")],
+                             "report")
+        parent.end("FINISHED" if len(rows) == len(jobs) else "KILLED")
     return ordered()
