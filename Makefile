@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev,serve,cluster]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,serve,cluster,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -131,6 +131,13 @@ SetOption = Annotated[
     typer.Option("--set", metavar="KEY=VALUE",
                  help="Override a config value, e.g. --set epochs=5 --set model.lr=1e-3 "
                       "(repeatable; values are YAML).")]
+TrackOption = Annotated[
+    str | None, typer.Option(
+        "--track", metavar="BACKEND[:WHERE]",
+        help="Log the run (config, losses per epoch, thresholds, test metrics, figures): "
+             "mlflow[:DIR_OR_URI] (a local file store, default runs/mlruns) or tensorboard[:DIR] "
+             "(event files, default runs/tensorboard); needs pip install 'anomalykit[tracking]'. "
+             "Default: the config's tracking section, else off.")]
 ConfigOption = Annotated[
     str, typer.Option("--config", "-c", help="Profile name (quick, paper) or a YAML file.")]
 
@@ -213,6 +220,11 @@ TestFractionOption = Annotated[
     float | None, typer.Option("--test-fraction", help="Share of --good-dir held out as good "
                                                        "test images (default 0.2; 0 trains "
                                                        "on all of them).")]
+# The dataset root's layout (anomalykit.data.formats); the names are checked there.
+FormatOption = Annotated[
+    str, typer.Option("--format", help="Layout of --root: mvtec, mpdd, visa, loco, mvtec2, "
+                                       "btad, folder (--good-dir), or auto: detected from the "
+                                       "folders, failing when ambiguous.")]
 FOLDER_HELP = (
     "\n\nYour own images instead of the MVTec AD layout: --good-dir FOLDER (and, to test, "
     "--defect-dir FOLDER, optionally --mask-dir FOLDER). The good folder is split once, "
@@ -237,6 +249,7 @@ def train(
     defect_dir: DefectDirOption = None,
     mask_dir: MaskDirOption = None,
     test_fraction: TestFractionOption = None,
+    format: FormatOption = "auto",
     config: ConfigOption = "quick",
     overrides: SetOption = None,
     device: Annotated[str | None, typer.Option(
@@ -247,15 +260,21 @@ def train(
              "weights and the data order (default: the config's train.seed, else 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run "
                                               "from OUT/last.ckpt.")] = False,
+    track: TrackOption = None,
     quiet: QuietOption = False,
 ) -> None:
     from anomalykit.pipeline import folder_data, train_detector
+    from anomalykit.tracking import track_run, tracking_for
 
     check_device(device)
     folder = folder_data(good_dir, defect_dir, mask_dir, test_fraction)
-    result = train_detector(detector, root=root, category=category, folder=folder,
-                            config=config, overrides=overrides or [], out_dir=out,
-                            device=device, seed=seed, progress=not quiet, resume=resume)
+    tracking = tracking_for(track, detector, config, overrides or [])
+    with track_run(tracking, f"{detector}/{folder.name if folder else category}",
+                   tags={"command": "train", "out": str(out)}) as run:
+        result = train_detector(detector, root=root, category=category, folder=folder,
+                                format=format, config=config, overrides=overrides or [],
+                                out_dir=out, device=device, seed=seed, progress=not quiet,
+                                resume=resume, run=run)
     from anomalykit.training import is_main_process
 
     if not is_main_process():
@@ -301,20 +320,29 @@ def test(
         "--defect-dir", help="Folder of defective test images (default: the one given at "
                              "training).")] = None,
     mask_dir: MaskDirOption = None,
+    format: Annotated[str, typer.Option(
+        "--format", help="Layout of --root (default auto: the one recorded in the checkpoint "
+                         "for its own root, else detected): mvtec, mpdd, visa, loco, mvtec2, "
+                         "btad, folder.")] = "auto",
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for metrics.json, ROC curve and example heat maps "
                             "(default: metrics.json next to the checkpoint, no "
                             "pictures).")] = None,
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 16,
+    track: TrackOption = None,
     quiet: QuietOption = False,
 ) -> None:
     from anomalykit.pipeline import evaluate_checkpoint
+    from anomalykit.tracking import resolve_tracking, track_run
 
     check_device(device)
-    result = evaluate_checkpoint(checkpoint, root=root, category=category, good_dir=good_dir,
-                                 defect_dir=defect_dir, mask_dir=mask_dir, out_dir=out,
-                                 device=device, batch_size=batch_size, progress=not quiet)
+    with track_run(resolve_tracking(track), f"test/{checkpoint.parent.name}",
+                   tags={"command": "test", "checkpoint": str(checkpoint)}) as run:
+        result = evaluate_checkpoint(checkpoint, root=root, category=category, good_dir=good_dir,
+                                     defect_dir=defect_dir, mask_dir=mask_dir, format=format,
+                                     out_dir=out, device=device, batch_size=batch_size,
+                                     progress=not quiet, run=run)
     for note in result.notes:
         err_console.print(f"[dim]{escape(note)}[/dim]")
     out_console.print(metrics_table(result.metrics, f"{result.detector} on {result.dataset}"))
@@ -509,6 +537,7 @@ def benchmark(
     defect_dir: DefectDirOption = None,
     mask_dir: MaskDirOption = None,
     test_fraction: TestFractionOption = None,
+    format: FormatOption = "auto",
     config: ConfigOption = "quick",
     overrides: SetOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder: results.csv, "
@@ -537,18 +566,21 @@ def benchmark(
                                      "(failed jobs run again), or run everything.")] = True,
     job_timeout: Annotated[float | None, typer.Option(
         help="Seconds a job may run before it is stopped and becomes an error row.")] = None,
+    track: TrackOption = None,
     quiet: QuietOption = False,
 ) -> None:
     from rich.markdown import Markdown
 
     from anomalykit.benchmark import markdown_tables, run_benchmark
-    from anomalykit.data import ensure_synthetic, list_mvtec_categories
-    from anomalykit.pipeline import folder_data
+    from anomalykit.data import ensure_synthetic, list_categories
+    from anomalykit.pipeline import check_format, folder_data
     from anomalykit.registry import list_detectors
+    from anomalykit.tracking import resolve_tracking, tracking_for
 
     check_device(device)
     names = list_detectors() if detectors.strip() == "all" else split_list(detectors)
     folder = folder_data(good_dir, defect_dir, mask_dir, test_fraction)
+    check_format(format, folder)
     if folder is not None and (root is not None or categories is not None):
         raise ConfigError("give either --root/--categories (MVTec AD layout) or --good-dir/"
                           "--defect-dir (folders of images), not both")
@@ -556,7 +588,7 @@ def benchmark(
         with err_console.status("preparing the synthetic dataset..."):
             root = Path(ensure_synthetic())
         err_console.print(f"using the synthetic dataset in {escape(str(root))}")
-    chosen = [] if folder is not None else split_list(categories) or list_mvtec_categories(root)
+    chosen = [] if folder is not None else split_list(categories) or list_categories(root, format)
     seed_list = None
     if seeds is not None:
         try:
@@ -566,11 +598,14 @@ def benchmark(
         if not seed_list:
             raise ConfigError("--seeds is empty; give e.g. --seeds 0,1,2")
     command = _command_line(dict(ctx.params))
-    rows = run_benchmark(names, root, chosen, folder=folder, config=config,
+    tracking = (tracking_for(track, names[0], config, overrides or []) if names
+                else resolve_tracking(track))
+    rows = run_benchmark(names, root, chosen, folder=folder, format=format, config=config,
                          overrides=overrides or [], out_dir=out, device=device, seed=seed,
                          seeds=seed_list, onnx=onnx, progress=not quiet, threads=threads,
                          command=command, executor=executor, address=address,
-                         cpus_per_job=cpus_per_job, resume=resume, job_timeout=job_timeout)
+                         cpus_per_job=cpus_per_job, resume=resume, job_timeout=job_timeout,
+                         tracking=tracking)
     out_console.print(Markdown(markdown_tables(rows)))
     out_console.print(f"wrote {escape(str(out / 'results.csv'))}, results.md and report.html "
                       f"in {escape(str(out))}")

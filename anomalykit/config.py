@@ -8,7 +8,9 @@ A config has three sections::
       epochs: 30
       val_fraction: 0.1
     calibrate:  # keyword arguments of Detector.calibrate
-      quantile: 1.0
+      rule: fpr   # or quantile (with quantile: 1.0 = the highest good validation score)
+      fpr: 0.01   # target false-alarm rate on good images
+      tail: gpd   # tail model of the good scores: gpd, gaussian, lognormal
 
 Named profiles are ``<detector>/<name>.yaml`` files: first in the directories of
 ``$ANOMALYKIT_CONFIGS`` (user profiles; several directories separated by ``os.pathsep``),
@@ -40,7 +42,8 @@ SECTIONS = ("model", "train", "calibrate")
 # the decode-once cache's memory budget, and a folder to keep resized copies across runs).
 DATA_OPTIONS = {"val_fraction": 0.1, "augment": False, "cache_bytes": 2**30, "cache_dir": None}
 # fit() arguments that are per-run choices (command-line options), never part of a profile.
-RUN_OPTIONS = {"out_dir": "--out", "resume": "--resume", "progress": "--quiet"}
+RUN_OPTIONS = {"out_dir": "--out", "resume": "--resume", "progress": "--quiet",
+               "epoch_callback": "--track"}
 # Directories of user profiles, searched before the packaged ones.
 CONFIGS_ENV = "ANOMALYKIT_CONFIGS"
 
@@ -143,7 +146,7 @@ def load_config(detector: str, config: str | Path = "quick",
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must be a mapping with sections {SECTIONS}")
-    extra = set(raw) - set(SECTIONS)
+    extra = set(raw) - set(SECTIONS) - {"tracking"}  # tracking: see anomalykit.tracking
     if extra:
         raise ConfigError(f"config file {path}: unknown section(s) {sorted(extra)}; "
                           f"expected {list(SECTIONS)}")
@@ -179,5 +182,19 @@ def load_config(detector: str, config: str | Path = "quick",
         if unknown:
             raise ConfigError(f"{section} option(s) {sorted(unknown)} not accepted by {detector!r}; "
                               f"valid: {', '.join(sorted(keys))}")
+    check_calibrate_section(cfg["calibrate"])
     cfg["source"] = str(path)  # type: ignore[assignment]
+    cfg["tracking"] = dict(raw.get("tracking") or {})  # checked by anomalykit.tracking
     return cfg
+
+
+# The calibrate keys that choose the image threshold (anomalykit.metrics.threshold).
+THRESHOLD_KEYS = ("rule", "quantile", "margin", "fpr", "tail")
+
+
+def check_calibrate_section(section: dict[str, Any]) -> None:
+    """ConfigError naming the value for a bad threshold rule, rate or tail model, at load time
+    (before any training), by running the rule on one dummy score."""
+    from anomalykit.metrics.threshold import calibrate_threshold
+
+    calibrate_threshold([0.0], **{k: section[k] for k in THRESHOLD_KEYS if k in section})

@@ -4,9 +4,11 @@ Every step checks its inputs before doing expensive work: the train AND test spl
 scanned and decoded before the first training step, so a corrupt file or a missing mask
 fails in seconds, not after an hour of training.
 
-Data comes in the MVTec AD layout (``root`` + ``category``) or as plain folders
-(:class:`FolderData`: a folder of good images, optionally a folder of defective images and
-one of their masks).
+Data comes as a dataset root (``root`` + ``category``) in one of the layouts of
+:mod:`anomalykit.data.formats` (MVTec AD, MPDD, VisA, MVTec LOCO AD, MVTec AD 2, BTAD; named by
+``format``, detected for ``"auto"``) or as plain folders (:class:`FolderData`: a folder of good
+images, optionally a folder of defective images and one of their masks). The layout is
+recorded in the checkpoint, so ``anomalykit test`` reads the same data the same way.
 
 Typical use::
 
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from anomalykit.errors import ConfigError, DataError
+from anomalykit.tracking import NO_RUN, RunLog
 
 if TYPE_CHECKING:
     from anomalykit.data import ImageRecord
@@ -88,17 +91,24 @@ class EvalResult:
 # -- data ------------------------------------------------------------------------------------
 
 
-def load_split(root: str | os.PathLike[str], category: str, split: str) -> list[Any]:
-    """Scan one MVTec-layout split and decode every image and mask once.
+def load_split(root: str | os.PathLike[str], category: str, split: str,
+               format: str | None = "auto") -> list[Any]:
+    """Scan one split of a dataset root and decode every image and mask once.
+
+    Args:
+        root, category: The dataset root and one of its categories.
+        split: ``train``, ``test``, or ``val`` for layouts with their own validation split.
+        format: A layout of :data:`anomalykit.data.formats.FORMATS`, or ``auto`` (detected).
 
     Raises:
-        DataError: missing root/category/split (listing the available categories), an
-            empty folder, a corrupt image or a mask that does not fit its image; the message
-            names the offending file.
+        ConfigError: unknown format.
+        DataError: an undetectable layout, missing root/category/split (listing the available
+            categories), an empty folder, a corrupt image or a mask that does not fit its
+            image; the message names the offending file.
     """
-    from anomalykit.data import scan_mvtec, validate_records
+    from anomalykit.data import scan_split, validate_records
 
-    records = scan_mvtec(root, category, split)
+    records = scan_split(root, category, split, format)
     validate_records(records)
     return records
 
@@ -223,19 +233,45 @@ def load_folder_records(good_dir: str | os.PathLike[str], defect_dir: str | os.P
     return records
 
 
+def check_format(format: str | None, folder: FolderData | None) -> None:
+    """A dataset root's ``--format`` with ``--good-dir``, or ``--format folder`` without it, is a
+    contradiction: ConfigError."""
+    from anomalykit.data.formats import AUTO, FOLDER
+
+    if folder is not None and format not in (None, AUTO, FOLDER):
+        raise ConfigError(f"--format {format} reads a dataset root (--root); --good-dir is a "
+                          "folder dataset (--format folder)")
+    if folder is None and format == FOLDER:
+        raise ConfigError("--format folder needs --good-dir (a folder of good images)")
+
+
 def _train_and_test_records(root: str | os.PathLike[str] | None, category: str | None,
-                            folder: FolderData | None,
-                            seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Scan and decode both splits of either data source (checked before any training)."""
+                            folder: FolderData | None, seed: int, format: str | None = "auto"
+                            ) -> tuple[list[ImageRecord], list[ImageRecord] | None,
+                                       list[ImageRecord], str]:
+    """Scan and decode the splits of either data source (checked before any training).
+
+    Returns:
+        ``(train, val, test, format)``: ``val`` is the dataset's own validation split for
+        layouts that have one, else None (carved from train by the caller); ``format`` is the
+        resolved layout name (``folder`` for a folder dataset).
+    """
+    from anomalykit.data.formats import FOLDER, FORMATS, resolve_format
+
+    check_format(format, folder)
     if folder is not None:
         if root is not None or category is not None:
-            raise ConfigError("give either --root and --category (MVTec AD layout) or "
+            raise ConfigError("give either --root and --category (a dataset root) or "
                               "--good-dir (folders of images), not both")
-        return load_folder_split(folder, "train", seed), load_folder_split(folder, "test", seed)
+        return (load_folder_split(folder, "train", seed), None,
+                load_folder_split(folder, "test", seed), FOLDER)
     if root is None or not category:
-        raise ConfigError("no data: give --root and --category (MVTec AD layout) or "
+        raise ConfigError("no data: give --root and --category (a dataset root) or "
                           "--good-dir (a folder of good images)")
-    return load_split(root, category, "train"), load_split(root, category, "test")
+    name = resolve_format(root, format)
+    val = load_split(root, category, "val", name) if FORMATS[name].has_val else None
+    return (load_split(root, category, "train", name), val,
+            load_split(root, category, "test", name), name)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -266,21 +302,24 @@ def _split_train_section(train: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 
 def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
                    category: str | None = None, folder: FolderData | None = None,
-                   config: str | os.PathLike[str] = "quick",
+                   format: str | None = "auto", config: str | os.PathLike[str] = "quick",
                    overrides: Sequence[str] | dict[str, Any] | None = None,
                    out_dir: str | os.PathLike[str], device: str | None = None,
                    seed: int | None = None, progress: bool = True,
-                   resume: bool = False) -> TrainResult:
+                   resume: bool = False, run: RunLog | None = None) -> TrainResult:
     """Train ``detector`` on the good images of one category and calibrate its threshold.
 
     Order of work (cheap checks first): resolve the detector name, the config and the
     device; scan and decode the train and test splits; split the good training images into
-    train/validation (``train.val_fraction``, seeded); fit; calibrate on the held-out
-    validation images (never the test set); save ``out_dir/model.ckpt``.
+    train/validation (``train.val_fraction``, seeded), unless the dataset has its own
+    validation split (MVTec LOCO AD, MVTec AD 2: ``validation/good``, used as is); fit;
+    calibrate on the held-out validation images (never the test set); save ``out_dir/model.ckpt``.
 
     Args:
         detector: Registered detector name (``anomalykit list``).
-        root, category: MVTec-layout dataset root and category folder.
+        root, category: Dataset root and category folder.
+        format: The root's layout (:data:`anomalykit.data.formats.FORMAT_CHOICES`; ``auto``
+            detects it); recorded in the checkpoint's ``format``.
         folder: Or a folder dataset (:class:`FolderData`): its good images are split into
             train / validation / held-out test with ``seed``.
         config: Profile name (``quick``, ``paper``) or a YAML file.
@@ -291,6 +330,8 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
             config's ``train.seed`` or 0.
         progress: Show progress bars.
         resume: Continue from ``out_dir/last.ckpt`` if it exists.
+        run: Log the config, every epoch's losses and the calibration there (see
+            :func:`anomalykit.tracking.track_run`); ``None``: not tracked.
 
     Raises:
         ConfigError: unknown detector (lists the known ones), unknown config key, bad device.
@@ -311,15 +352,22 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     cfg = load_config(detector, config,
                       overrides if isinstance(overrides, dict) else list(overrides or []))
     fit_kwargs, data_options = _split_train_section(cfg["train"])
+    run = run or NO_RUN
+    run.log_params({k: cfg[k] for k in ("model", "train", "calibrate", "source")})
     device_name = device if device is not None else fit_kwargs.pop("device", "auto")
     fit_kwargs.pop("device", None)
     run_seed = int(seed if seed is not None else fit_kwargs.pop("seed", 0))
     fit_kwargs.pop("seed", None)
     torch_device = resolve_device(str(device_name))
 
-    train_records, test_records = _train_and_test_records(root, category, folder, run_seed)
+    train_records, own_val, test_records, data_format = _train_and_test_records(
+        root, category, folder, run_seed, format)
     good = [r for r in train_records if r.label == 0]
-    train_part, val_part = split_train_val(good, float(data_options["val_fraction"]), run_seed)
+    if own_val is not None:
+        train_part, val_part = good, own_val  # the dataset's validation split, as published
+    else:
+        train_part, val_part = split_train_val(good, float(data_options["val_fraction"]),
+                                               run_seed)
 
     # Seed before building the model so its initial weights depend on the seed only.
     torch.manual_seed(run_seed)
@@ -333,7 +381,7 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     history = model.fit(train_set, val_set, device=torch_device, seed=run_seed, out_dir=out,
-                  resume=resume, progress=progress, **fit_kwargs)
+                  resume=resume, progress=progress, epoch_callback=run.log_epoch, **fit_kwargs)
 
     notes: list[str] = []
     calibrate_kwargs = dict(cfg["calibrate"])
@@ -358,6 +406,8 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
         "category": folder.name if folder is not None else category,
         "root": str(Path(root).resolve()) if root is not None else None,
         "folder": folder.as_meta() if folder is not None else None,
+        "format": data_format,
+        "val_source": "dataset" if own_val is not None else "train",
         "config": {"model": cfg["model"], "train": effective_train,
                    "calibrate": cfg["calibrate"], "source": cfg["source"]},
         "config_name": str(config),
@@ -373,9 +423,13 @@ def train_detector(detector: str, *, root: str | os.PathLike[str] | None = None,
         "threshold": float(threshold),
         "warnings": notes,
     }
+    run.log_training(meta)
+    run.log_calibration(model)
+    meta["tracking"] = run.describe()
     checkpoint = out / CHECKPOINT_NAME
     if writer:
         model.save(checkpoint, meta=meta)
+        run.log_checkpoint(checkpoint)
     model.checkpoint_meta = meta
     return TrainResult(model, checkpoint, history, meta, train_part, val_part, test_records,
                        notes)
@@ -413,7 +467,7 @@ def evaluate_detector(detector: Any, data: Sequence[Any] | tuple[str | os.PathLi
     Args:
         detector: A trained :class:`~anomalykit.base.Detector`.
         data: A list of :class:`~anomalykit.data.ImageRecord` or a ``(root, category)`` pair
-            (its test split is loaded and validated).
+            (its test split is loaded and validated; the root's layout is detected).
         batch_size: Inference batch size.
         device: Move the detector there first; ``None`` keeps it where it is.
         progress: Show a progress bar.
@@ -498,27 +552,41 @@ def _same_folder(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | N
 
 
 def _test_set(checkpoint: Path, meta: dict[str, Any], *, root: Any, category: str | None,
-              good_dir: Any, defect_dir: Any, mask_dir: Any
+              good_dir: Any, defect_dir: Any, mask_dir: Any, format: str | None = "auto"
               ) -> tuple[list[ImageRecord], str, dict[str, Any], list[str]]:
     """(records, dataset name, its description for metrics.json, notes) of a test run.
 
     Options given on the command line win; what is missing comes from the checkpoint's record
-    of its training data. On the folder the model was trained on, only its held-out good
+    of its training data (its root is read in its recorded ``format``; checkpoints from before
+    formats existed read MVTec AD). On the folder the model was trained on, only its held-out good
     images are used: testing on training images would flatter the model.
     """
+    from anomalykit.data.formats import AUTO, FOLDER, resolve_format
+
     folder_options = any(v is not None for v in (good_dir, defect_dir, mask_dir))
     if folder_options and (root is not None or category is not None):
-        raise ConfigError("give either --root/--category (MVTec AD layout) or --good-dir/"
+        raise ConfigError("give either --root/--category (a dataset root) or --good-dir/"
                           "--defect-dir (folders of images), not both")
+    if folder_options and format not in (None, AUTO, FOLDER):
+        raise ConfigError(f"--format {format} reads a dataset root (--root); --good-dir is a "
+                          "folder dataset (--format folder)")
     trained = FolderData.from_meta(meta["folder"]) if meta.get("folder") else None
     if not folder_options and (root is not None or category is not None or trained is None):
+        if format == FOLDER:
+            raise ConfigError("--format folder needs --good-dir (a folder of good images)")
+        if root is None and format in (None, AUTO):
+            format = meta.get("format") or "mvtec"  # the trained-on root, read as it was
         root = root if root is not None else meta.get("root")
         category = category or meta.get("category")
         if root is None or not category:
             raise ConfigError(f"{checkpoint} does not record its dataset; pass --root and "
                               "--category, or --good-dir and --defect-dir")
-        return (load_split(root, category, "test"), category,
-                {"root": str(root), "category": category}, [])
+        name = resolve_format(root, format)
+        return (load_split(root, category, "test", name), category,
+                {"root": str(root), "category": category, "format": name}, [])
+    if format not in (None, AUTO, FOLDER):
+        raise ConfigError(f"--format {format} reads a dataset root; {checkpoint} was trained on "
+                          "a folder dataset: pass --root (and --category) too")
 
     good = Path(good_dir) if good_dir is not None else (trained.good_dir if trained else None)
     if good is None:
@@ -557,11 +625,15 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *,
                         good_dir: str | os.PathLike[str] | None = None,
                         defect_dir: str | os.PathLike[str] | None = None,
                         mask_dir: str | os.PathLike[str] | None = None,
+                        format: str | None = "auto",
                         out_dir: str | os.PathLike[str] | None = None, device: str = "auto",
-                        batch_size: int = 16, progress: bool = True) -> CheckpointEvaluation:
+                        batch_size: int = 16, progress: bool = True,
+                        run: RunLog | None = None) -> CheckpointEvaluation:
     """Evaluate a saved model on a test set and write ``metrics.json`` (and pictures).
 
-    The test set is an MVTec category (``root``/``category``) or folders (``good_dir`` of
+    The test set is a category of a dataset root (``root``/``category``, read in layout
+    ``format``: ``auto`` = the checkpoint's recorded one for its own root, else detected) or
+    folders (``good_dir`` of
     good images, ``defect_dir`` of defective ones, ``mask_dir`` of their masks); whatever is
     not given comes from the data the checkpoint was trained on (see :func:`_test_set`).
 
@@ -581,7 +653,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *,
     meta = getattr(model, "checkpoint_meta", {}) or {}
     records, dataset, description, notes = _test_set(
         checkpoint, meta, root=root, category=category, good_dir=good_dir,
-        defect_dir=defect_dir, mask_dir=mask_dir)
+        defect_dir=defect_dir, mask_dir=mask_dir, format=format)
     result = evaluate_detector(model, records, device=device, batch_size=batch_size,
                                progress=progress)
     name = model.registry_name
@@ -602,6 +674,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike[str], *,
         figures.append(report.plot_examples(predictions, folder / "examples.png",
                                             f"{name} on {dataset}",
                                             threshold=result.metrics.get("threshold")))
+    (run or NO_RUN).log_evaluation(result.metrics, [metrics_path, *figures])
     return CheckpointEvaluation(name, dataset, result.metrics, metrics_path, figures, notes)
 
 

@@ -40,6 +40,8 @@ LAST = "last.ckpt"
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fit's per-epoch report: (0-based epoch, mean training losses, validation loss or None).
+EpochCallback = Callable[[int, dict[str, float], "float | None"], None]
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:
@@ -142,7 +144,8 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
         out_dir: str | Path | None = None, resume: bool = False,
         early_stopping_patience: int | None = None, grad_clip: float | None = None,
         precision: Precision = "fp32", progress: bool = True, sync_batchnorm: bool = True,
-        distributed_backend: str | None = None) -> dict[str, Any]:
+        distributed_backend: str | None = None,
+        epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
     """Train ``model`` on ``train_data`` (Dataset, DataLoader or image tensor).
 
     Each epoch reseeds with ``seed + epoch`` so a resumed run sees the same data
@@ -159,22 +162,33 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
     (nccl, gloo; None = nccl on CUDA, gloo on the CPU) forces the process group's backend.
     Both have no effect in a single process.
 
+    ``epoch_callback(epoch, train_loss, val_loss)`` is called after each epoch (once its
+    checkpoint is written), on rank 0 only: the 0-based epoch, that epoch's mean training
+    losses (``{"loss": ...}``, a GAN's ``d_loss``/``g_loss``) and the validation loss or None.
+    Experiment tracking hooks in here (:meth:`anomalykit.tracking.RunLog.log_epoch`).
+
     Returns the history: per-epoch mean losses, best epoch, seconds (setup included, also
     given alone as ``setup_seconds``), steps.
     """
     check_options(model, epochs=epochs, val_data=val_data,
                   early_stopping_patience=early_stopping_patience, grad_clip=grad_clip,
                   precision=precision, resume=resume, out_dir=out_dir)
+    if epoch_callback is not None and not callable(epoch_callback):
+        raise ConfigError(f"epoch_callback must be a function (epoch, train_loss, val_loss), got "
+                          f"{epoch_callback!r}")
     device = resolve_device(device)
     parallel = distributed.setup(device, backend=distributed_backend,
                                  sync_batchnorm=sync_batchnorm)
     if parallel is not None:
         device = parallel.device
         progress = progress and parallel.is_main
+    if parallel is not None and not parallel.is_main:
+        epoch_callback = None  # rank 0 alone reports
     if model.closed_form:
         return fit_closed_form(model, train_data, val_data, epochs=epochs, max_steps=max_steps,
                                batch_size=batch_size, num_workers=num_workers, device=device,
-                               seed=seed, out_dir=out_dir, progress=progress, _parallel=parallel)
+                               seed=seed, out_dir=out_dir, progress=progress, _parallel=parallel,
+                               epoch_callback=epoch_callback)
     seed_everything(seed)
     model.to(device)
     last_path = Path(out_dir) / LAST if out_dir else None
@@ -324,6 +338,9 @@ def fit(model, train_data, val_data=None, *, epochs: int = 10, max_steps: int | 
                     "history": copy.deepcopy(history),
                     "best_state": best_state,
                 })
+            if epoch_callback is not None:
+                epoch_callback(epoch, train_loss, history["val_loss"][-1] if val_data is not None
+                               else None)
             if stop:
                 break
 
@@ -406,7 +423,8 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                     max_steps: int | None = None, batch_size: int = 16, num_workers: int = 0,
                     device: str | torch.device = "auto", seed: int = 0,
                     out_dir: str | Path | None = None, progress: bool = True,
-                    _parallel: distributed.DataParallel | None = None) -> dict[str, Any]:
+                    _parallel: distributed.DataParallel | None = None,
+                    epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
     """:func:`fit` for a closed-form model: one ``model.solve`` on every training image.
 
     ``model.solve(images, seed=seed, progress=report)`` fits on all training images at once
@@ -422,6 +440,7 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
 
     Data-parallel (``_parallel``, from :func:`fit` under torchrun): every process solves on
     all images, then takes rank 0's state; rank 0 alone writes ``last.ckpt``.
+    ``epoch_callback`` (see :func:`fit`) is called once, for epoch 0, at the end.
     """
     device = resolve_device(device)
     seed_everything(seed)
@@ -475,6 +494,9 @@ def fit_closed_form(model, train_data, val_data=None, *, epochs: int = 1,
                                   "best_state": None})
     if _parallel is not None:
         _parallel.finish(model)
+    if epoch_callback is not None and (_parallel is None or _parallel.is_main):
+        epoch_callback(0, dict(history["train_loss"][0]),
+                       history["val_loss"][0] if history["val_loss"] else None)
     return history
 
 
