@@ -656,3 +656,20 @@ def test_export_int8_beside_the_fp32_model_and_the_auroc_guard(trained: Path, da
     assert_error(runner.invoke(app, list(map(str, ["quantize", out, tmp_path / "y.onnx"]))),
                  "--calibration")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_train_with_track_logs_and_a_bad_backend_is_named(dataset: Path, tiny_config: Path,
+                                                         tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="pip install 'anomalykit[tracking]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    run = tmp_path / "run"
+    invoke("train", TINY, "--root", dataset, "--category", CATEGORY, "--config", tiny_config,
+           "--out", run, "--device", "cpu", "--quiet", "--track", f"tensorboard:{board}")
+    events = [EventAccumulator(str(p.parent)).Reload() for p in board.rglob("events.out.*")]
+    tags = {tag for e in events for tag in e.Tags()["scalars"]}
+    assert "train/loss" in tags and any(t.startswith("calibration/") for t in tags), tags
+    assert_error(runner.invoke(app, list(map(str, ["train", TINY, "--root", dataset, "--category",
+                                                   CATEGORY, "--out", tmp_path / "x", "--config",
+                                                   tiny_config, "--track", "wandb"]))), "wandb")
