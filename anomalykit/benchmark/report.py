@@ -396,6 +396,11 @@ def markdown_tables(rows: Sequence[dict[str, Any]], *, split_costs: bool = True)
     if len(categories) > 1:
         for category in categories:
             parts.append(f"## {category}\n\n{_markdown_summary(rows, category, split_costs)}\n")
+    if several:  # the summary shows mean ± std; the spread is read from the seeds themselves
+        parts.append("## Per seed\n")
+        for metric in ("image_auroc", "pixel_auroc"):
+            header, body = metric_table(rows, metric)
+            parts.append(f"{SUMMARY_METRICS[metric][0]}:\n\n{_markdown_grid(header, body)}\n")
     noted = [r for r in rows if r.get("notes")]
     if noted:
         parts.append("### Notes\n\n" + "\n".join(
