@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from anomalykit.data.io import mask_files
-from anomalykit.data.mvtec import require_category, require_split_dir
+from anomalykit.data.mvtec import own_validation_split, require_category, require_split_dir
 from anomalykit.data.records import ImageRecord, list_subfolders, require_images
 from anomalykit.errors import DataError
 
@@ -72,12 +72,9 @@ def scan_loco(root: str | os.PathLike[str], category: str,
             ground-truth folder, masks of different sizes.
     """
     category_dir = require_category(root, category, list_loco_categories)
-    if split in ("train", "val"):
-        good = require_split_dir(category_dir / ("train" if split == "train" else "validation")
-                                 / "good")
-        return [ImageRecord(p, 0, "good", None) for p in require_images(good)]
-    if split != "test":
-        raise DataError(f"split is {split!r}; expected 'train', 'val' or 'test'")
+    good = own_validation_split(category_dir, split)
+    if good is not None:
+        return good
     test_dir = require_split_dir(category_dir / "test")
     folders = list_subfolders(test_dir)
     if not folders:

@@ -61,6 +61,19 @@ def require_split_dir(folder: Path) -> Path:
     return folder
 
 
+def own_validation_split(category_dir: Path, split: str) -> list[ImageRecord] | None:
+    """Good records of ``train/good`` or ``validation/good`` for layouts with their own
+    validation split (MVTec LOCO AD, MVTec AD 2); ``None`` for the test split, and DataError
+    for an unknown one."""
+    if split in ("train", "val"):
+        good = require_split_dir(category_dir / ("train" if split == "train" else "validation")
+                                 / "good")
+        return [ImageRecord(p, 0, "good", None) for p in require_images(good)]
+    if split != "test":
+        raise DataError(f"split is {split!r}; expected 'train', 'val' or 'test'")
+    return None
+
+
 def list_mvtec_categories(root: str | os.PathLike[str]) -> list[str]:
     """Categories under an MVTec-style root: the subfolders that contain ``train/good``.
 

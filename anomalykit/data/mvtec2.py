@@ -21,8 +21,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from anomalykit.data.mvtec import require_category, require_split_dir, scan_labelled_folders
-from anomalykit.data.records import ImageRecord, list_subfolders, require_images
+from anomalykit.data.mvtec import (
+    own_validation_split,
+    require_category,
+    require_split_dir,
+    scan_labelled_folders,
+)
+from anomalykit.data.records import ImageRecord, list_subfolders
 from anomalykit.errors import DataError
 
 __all__ = ["list_mvtec2_categories", "scan_mvtec2"]
@@ -53,11 +58,8 @@ def scan_mvtec2(root: str | os.PathLike[str], category: str,
             folder, a defect image without its mask or a mask matching no image.
     """
     category_dir = require_category(root, category, list_mvtec2_categories)
-    if split in ("train", "val"):
-        good = require_split_dir(category_dir / ("train" if split == "train" else "validation")
-                                 / "good")
-        return [ImageRecord(p, 0, "good", None) for p in require_images(good)]
-    if split != "test":
-        raise DataError(f"split is {split!r}; expected 'train', 'val' or 'test'")
+    good = own_validation_split(category_dir, split)
+    if good is not None:
+        return good
     test_dir = require_split_dir(category_dir / TEST_FOLDER)
     return scan_labelled_folders(test_dir, test_dir / "ground_truth", skip=("ground_truth",))
