@@ -5,8 +5,11 @@ Torch-free, so the data layer's disk cache and the checkpoints share it.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -38,3 +41,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: Iterable[dict], fieldnames: Sequence[str]) -> Path:
+    """Rows as CSV with a header (keys outside ``fieldnames`` ignored, missing ones empty),
+    written atomically: a result table is either the old one or the new one."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())

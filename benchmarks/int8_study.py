@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import io
 import math
 import os
 import platform
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalykit.atomic import atomic_write_text
+from anomalykit.atomic import atomic_write_csv, atomic_write_text
 
 FIELDS = ["detector", "status", "n_calibration", "quantized_nodes", "fp32_image_auroc",
           "int8_image_auroc", "delta_image_auroc", "fp32_pixel_auroc", "int8_pixel_auroc",
@@ -157,11 +156,7 @@ def study_one(detector: str, args: argparse.Namespace, work: Path) -> dict:
 
 def write_results(rows: list[dict], out: Path, command: str, started: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_csv(out / "results.csv", rows, FIELDS)
     import onnxruntime
 
     lines = [

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
-import io
 import os
 import platform
 import shlex
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalykit.atomic import atomic_write_text
+from anomalykit.atomic import atomic_write_csv, atomic_write_text
 
 FIELDS = ["model", "detector", "status", "parity", "max_dscore_rel", "max_dnorm", "label_flips",
           "max_dmap_rel", "mask_flip_fraction", "ort_ms_1t", "ov_ms_1t", "ov_speedup_1t",
@@ -140,11 +139,7 @@ def write_results(rows: list[dict], out: Path, command: str, started: str) -> No
     import openvino
 
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_csv(out / "results.csv", rows, FIELDS)
     lines = [
         "# OpenVINO vs onnxruntime (CPU provider) on the same anomalykit ONNX files",
         "",

@@ -20,8 +20,6 @@ tail model predicted against the rate observed on the good test images. Writes
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import platform
 import sys
@@ -125,7 +123,7 @@ def resample_rule(val_scores: np.ndarray, test_scores: np.ndarray, test_labels: 
 
 
 def analyse(args: argparse.Namespace, command: str) -> None:
-    from anomalykit.atomic import atomic_write_text
+    from anomalykit.atomic import atomic_write_csv, atomic_write_text
     from anomalykit.metrics.classification import f1_max
 
     rows = []
@@ -153,12 +151,7 @@ def analyse(args: argparse.Namespace, command: str) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_csv(out / "results.csv", rows, list(rows[0]))
     atomic_write_text(out / "results.md", render_markdown(rows, args, command))
     print(render_markdown(rows, args, command))
 

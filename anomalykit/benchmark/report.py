@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import html
-import io
 import math
 import os
 import platform
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalykit.atomic import atomic_write_csv
 from anomalykit.training.checkpoint import atomic_write, atomic_write_text
 
 #: Columns of results.csv, in order.
@@ -168,13 +168,8 @@ def _csv_cell(value: Any) -> str:
 
 def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write rows atomically: an interrupted benchmark never leaves half a file."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _csv_cell(row.get(c)) for c in COLUMNS})
-    return atomic_write_text(path, buffer.getvalue())
+    return atomic_write_csv(path, ({c: _csv_cell(row.get(c)) for c in COLUMNS} for row in rows),
+                            COLUMNS)
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:

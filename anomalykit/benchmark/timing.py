@@ -17,8 +17,6 @@ in blocks of 10 calls (:func:`median_ms`); it writes ``timing.csv`` and ``timing
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import platform
@@ -172,15 +170,11 @@ def write_timing(rows: list[dict[str, Any]], out: str | os.PathLike[str], comman
     """Write ``timing.csv`` and ``timing.md`` into ``out`` (atomically); return the .md path."""
     import torch
 
-    from anomalykit.training.checkpoint import atomic_write_text
+    from anomalykit.atomic import atomic_write_csv, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "timing.csv", buffer.getvalue())
+    atomic_write_csv(out / "timing.csv", rows, FIELDS)
     lines = [
         "# Inference timing: PyTorch vs onnxruntime",
         "",
