@@ -231,7 +231,7 @@ class OnnxDetector:
             chunk = paths[start:start + batch_size]
             images = [read_image(p) for p in chunk]
             chunk_results: list[dict[str, Any] | None] = [None] * len(chunk)
-            for indices in _group_by_shape(images):
+            for indices in group_by_shape(images):
                 batch = self.predict(np.stack([images[i] for i in indices]))
                 for row, i in enumerate(indices):
                     chunk_results[i] = {"path": chunk[i], **_unbatch(batch, row)}
@@ -239,7 +239,9 @@ class OnnxDetector:
         return results
 
 
-def _group_by_shape(images: Sequence[np.ndarray]) -> list[list[int]]:
+def group_by_shape(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of ``images`` grouped by array shape, in order of first appearance: only frames
+    of one size stack into one (N, H, W, 3) batch (predict_files, the service, the watcher)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)

@@ -8,7 +8,7 @@ collects up to ``max_batch`` queued frames, groups them by shape (only same-size
 stack into one (N, H, W, 3) array), runs ``predict`` in a thread (onnxruntime releases the
 GIL, so the event loop keeps accepting requests meanwhile) and resolves each frame's future.
 
-Pure asyncio + numpy: no web stack, no torch.
+asyncio, numpy and the runtime's shape grouping: no web stack, no torch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from anomalykit.export.runtime import group_by_shape
 
 Predict = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -120,11 +122,9 @@ class MicroBatcher:
                 self.depth -= 1
             else:
                 live.append(item)
-        groups: dict[tuple[int, ...], list[_Item]] = {}
-        for item in live:
-            groups.setdefault(item.image.shape, []).append(item)
         loop = asyncio.get_running_loop()
-        for items in groups.values():
+        for indices in group_by_shape([item.image for item in live]):
+            items = [live[i] for i in indices]
             start = time.perf_counter()
             try:
                 stacked = np.stack([item.image for item in items])

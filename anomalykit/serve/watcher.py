@@ -57,12 +57,12 @@ from typing import Any
 import numpy as np
 
 try:
-    from anomalykit.export.runtime import OnnxDetector, _group_by_shape, decode_image
+    from anomalykit.export.runtime import OnnxDetector, decode_image, group_by_shape
 except ModuleNotFoundError as exc:  # deployed without the package: runtime.py copied beside this file
     if not (exc.name or "").startswith("anomalykit"):  # a missing cv2 or numpy: say so
         raise
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from runtime import OnnxDetector, _group_by_shape, decode_image  # type: ignore[no-redef]
+    from runtime import OnnxDetector, decode_image, group_by_shape  # type: ignore[no-redef]
 
 try:
     import fcntl
@@ -390,7 +390,7 @@ class FolderWatcher:
             except ValueError as exc:
                 rows[i]["error"] = str(exc)
         order = list(images)
-        for group in _group_by_shape([images[i] for i in order]):
+        for group in group_by_shape([images[i] for i in order]):
             indices = [order[j] for j in group]
             try:
                 out = self.detector.predict(np.stack([images[i] for i in indices]))
