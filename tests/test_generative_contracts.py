@@ -38,6 +38,10 @@ class Tiny:
     data: str = "image"  # "image": (N, 3, size, size) in [0, 1]; "vector": (N, DIM)
     size: int = SIZE  # image side; the autoregressive models sample one pass per sub-pixel
     fitted_buffers: list[str] = field(default_factory=list)  # closed-form models only
+    # Further batch entries for the models that train on more than images (paired or labelled
+    # data): key -> "image" (like the images), "mask" ((N, 1, S, S) in {0, 1}) or "label:K"
+    # ((N,) int64 in [0, K)). Scores and samples still take / give plain images.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 TINY: dict[str, Tiny] = {
@@ -97,6 +101,25 @@ def data(name: str, n: int = N_TRAIN, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=generator)
 
 
+def training_data(name: str, n: int = N_TRAIN, seed: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What ``fit`` gets: the images, or a dict of them and :attr:`Tiny.extra`'s entries."""
+    images = data(name, n, seed)
+    if not tiny(name).extra:
+        return images
+    generator = torch.Generator().manual_seed(seed + 1000)
+    batch = {"image": images}
+    for key, kind in tiny(name).extra.items():
+        if kind == "image":
+            batch[key] = torch.rand(images.shape, generator=generator)
+        elif kind == "mask":
+            batch[key] = (torch.rand(n, 1, *images.shape[2:], generator=generator) > 0.7).float()
+        elif kind.startswith("label:"):
+            batch[key] = torch.randint(int(kind.split(":")[1]), (n,), generator=generator)
+        else:
+            raise ValueError(f"unknown extra kind {kind!r} for {name}")
+    return batch
+
+
 def build(name: str) -> GenerativeModel:
     torch.manual_seed(0)
     return create(name, "generative", **tiny(name).kwargs)
@@ -104,7 +127,7 @@ def build(name: str) -> GenerativeModel:
 
 def trained(name: str) -> tuple[GenerativeModel, dict[str, Any]]:
     model = build(name)
-    history = fit(model, data(name), epochs=1, max_steps=1, batch_size=N_TRAIN, device="cpu",
+    history = fit(model, training_data(name), epochs=1, max_steps=1, batch_size=N_TRAIN, device="cpu",
                   progress=False)
     return model.eval(), history
 
@@ -154,7 +177,7 @@ def test_one_training_step_changes_the_model(name):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainable = [k for k, v in model.named_parameters() if v.requires_grad]
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    history = fit(model, data(name), epochs=1, max_steps=1, batch_size=N_TRAIN, device="cpu",
+    history = fit(model, training_data(name), epochs=1, max_steps=1, batch_size=N_TRAIN, device="cpu",
                   progress=False)
     assert math.isfinite(history["train_loss"][0]["loss"]), history
     if model.closed_form:
