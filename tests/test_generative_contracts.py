@@ -70,6 +70,13 @@ TINY: dict[str, Tiny] = {
     "infogan": Tiny({"image_size": SIZE, "noise_dim": 4, "num_categories": 3,
                      "continuous_dim": 1, "q_hidden": 8, "width": 4}),
     "bigan": Tiny({"image_size": SIZE, "latent_dim": 8, "width": 4, "joint_hidden": 8}),
+    "biggan": Tiny({"image_size": SIZE, "num_classes": 3, "latent_dim": 8, "embed_dim": 4,
+                    "width": 4, "ema_decay": 0.9}, extra={"class": "label:3"}),
+    "vqgan": Tiny({"image_size": SIZE, "num_codes": 16, "code_dim": 8, **SMALL_CONV, "disc_width": 4,
+                   "disc_start": 0, "perceptual_weight": 0.0, "prior_hidden": 4, "prior_layers": 1,
+                   "prior_epochs": 1}),
+    "stylegan": Tiny({"image_size": SIZE, "latent_dim": 8, "w_dim": 8, "mapping_layers": 2, "width": 4,
+                      "max_width": 8, "fade_steps": 2, "stable_steps": 1}),
     # Autoregressive: sampling is one pass per sub-pixel, so 8x8 images (192 passes, not 3072).
     "pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
                       "first_kernel": 3, "head_hidden": 4}, size=8),
