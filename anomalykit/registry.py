@@ -35,6 +35,8 @@ _MODULES = (
     "anomalykit.detectors.pixelcnn",
     "anomalykit.generative.gan",
     "anomalykit.generative.gan_inverse",
+    "anomalykit.generative.cyclegan",
+    "anomalykit.generative.stargan",
     "anomalykit.generative.stylegan",
     "anomalykit.generative.biggan",
     "anomalykit.generative.vqgan",

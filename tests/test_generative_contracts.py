@@ -77,6 +77,10 @@ TINY: dict[str, Tiny] = {
                    "prior_epochs": 1}),
     "stylegan": Tiny({"image_size": SIZE, "latent_dim": 8, "w_dim": 8, "mapping_layers": 2, "width": 4,
                       "max_width": 8, "fade_steps": 2, "stable_steps": 1}),
+    "cyclegan": Tiny({"image_size": SIZE, "width": 4, "blocks": 1, "d_width": 4, "num_examples": 4},
+                     extra={"image_b": "image"}),
+    "stargan": Tiny({"image_size": SIZE, "num_domains": 3, "width": 4, "blocks": 1, "d_width": 4,
+                     "num_examples": 4}, extra={"domain": "label:3"}),
     # Autoregressive: sampling is one pass per sub-pixel, so 8x8 images (192 passes, not 3072).
     "pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
                       "first_kernel": 3, "head_hidden": 4}, size=8),

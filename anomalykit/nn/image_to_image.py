@@ -121,18 +121,25 @@ class ResnetGenerator(nn.Module):
     c7s1-w, ``downsamples`` x d(2^i w), ``blocks`` x R, the mirrored transposed convs,
     c7s1-out + tanh (Zhu et al. 2017, appendix 7.2; 9 blocks at 256 px, 6 at 128 px). H and W
     must be divisible by ``2 ** downsamples``.
+
+    ``stem_padding``: "reflect" (CycleGAN) or "zeros" (StarGAN's code). Input channels that are
+    constant over the image (StarGAN's one-hot target domain) stay constant under reflection
+    padding, and the stem's instance norm then removes them entirely; zero padding keeps them
+    visible at the borders.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, width: int = 64, *,
-                 blocks: int = 6, downsamples: int = 2, norm: I2INorm = "instance") -> None:
+                 blocks: int = 6, downsamples: int = 2, norm: I2INorm = "instance",
+                 stem_padding: Literal["reflect", "zeros"] = "reflect") -> None:
         super().__init__()
         check_choice("norm", norm, I2I_NORMS)
+        check_choice("stem_padding", stem_padding, ("reflect", "zeros"))
         if width < 1 or blocks < 0 or downsamples < 0:
             raise ConfigError(f"ResnetGenerator needs width >= 1, blocks >= 0, downsamples >= 0;"
                               f" got {width}, {blocks}, {downsamples}")
         self.downsampling = 2 ** downsamples
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3),
-                                   nn.Conv2d(in_channels, width, 7, bias=norm == "none"),
+        pad = nn.ReflectionPad2d(3) if stem_padding == "reflect" else nn.ZeroPad2d(3)
+        layers: list[nn.Module] = [pad, nn.Conv2d(in_channels, width, 7, bias=norm == "none"),
                                    image_norm(norm, width), nn.ReLU(inplace=True)]
         channels = width
         for _ in range(downsamples):
