@@ -35,6 +35,7 @@ _MODULES = (
     "anomalykit.detectors.pixelcnn",
     "anomalykit.generative.gan",
     "anomalykit.generative.gan_inverse",
+    "anomalykit.generative.pix2pix",
     "anomalykit.generative.cyclegan",
     "anomalykit.generative.stargan",
     "anomalykit.generative.stylegan",

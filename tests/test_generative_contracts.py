@@ -81,6 +81,8 @@ TINY: dict[str, Tiny] = {
                      extra={"image_b": "image"}),
     "stargan": Tiny({"image_size": SIZE, "num_domains": 3, "width": 4, "blocks": 1, "d_width": 4,
                      "num_examples": 4}, extra={"domain": "label:3"}),
+    "pix2pix": Tiny({"width": 4, "depth": 5, "d_width": 4, "d_layers": 2},
+                    extra={"good": "image", "mask": "mask"}),
     # Autoregressive: sampling is one pass per sub-pixel, so 8x8 images (192 passes, not 3072).
     "pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
                       "first_kernel": 3, "head_hidden": 4}, size=8),

@@ -47,6 +47,7 @@ __all__ = [
     "EASY_CATEGORY",
     "MANIFEST_NAME",
     "SYNTHETIC_CATEGORIES",
+    "defect_triples",
     "ensure_synthetic",
     "generate_synthetic",
     "render_sample",
@@ -682,3 +683,42 @@ def ensure_synthetic(root: str | os.PathLike[str] | None = None, **kwargs: Any) 
     if not _is_current(_read_manifest(path), args):
         generate_synthetic(path, progress=progress, **kwargs)
     return path
+
+
+# --------------------------------------------------------------------------- paired triples
+
+
+def defect_triples(categories: Sequence[str] | None = None, n: int = 64, *, image_size: int = 64,
+                   seed: int = 0, start: int = 0) -> dict[str, Any]:
+    """``n`` (defective image, good image, defect mask) triples for paired image-to-image models.
+
+    Item ``k`` is :func:`render_sample` of ``categories[k % len(categories)]`` (all six by
+    default), split ``"test_defect"``, index ``start + k // len(categories)``: every index
+    is a distinct image, so there are as many triples as wanted, and a disjoint held-out set is
+    the same call with a ``start`` past the training indices. Same arguments, same tensors.
+
+    Returns:
+        ``{"image": (n, 3, S, S), "good": (n, 3, S, S), "mask": (n, 1, S, S)}`` float32 torch
+        tensors, images in [0, 1] and masks in {0, 1}: the batch format of
+        :class:`anomalykit.generative.pix2pix.Pix2Pix`.
+    """
+    import torch  # local: the dataset generator itself needs no torch
+
+    categories = tuple(SYNTHETIC_CATEGORIES if categories is None else categories)
+    if not categories or n < 1 or start < 0:
+        raise ConfigError(f"defect_triples needs categories, n >= 1 and start >= 0; got "
+                          f"{list(categories)}, n={n}, start={start}")
+    images, goods, masks = [], [], []
+    for k in range(n):
+        category = categories[k % len(categories)]
+        clean, image, mask = render_sample(category, seed=seed, split="test_defect",
+                                           index=start + k // len(categories), image_size=image_size)
+        goods.append(clean)
+        images.append(image)
+        masks.append(mask[:, :, None])
+
+    def to_tensor(arrays: list[np.ndarray], scale: float) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / scale)
+
+    return {"image": to_tensor(images, 255.0), "good": to_tensor(goods, 255.0),
+            "mask": to_tensor(masks, 1.0)}
