@@ -196,4 +196,106 @@ def test_example_figures(tmp_path):
     assert again[0].read_bytes() == paths[0].read_bytes()
 
 
+# --------------------------------------------------------------------------- anomaly source
+
+
+def tiny_draem(**kwargs) -> DraemDetector:
+    torch.manual_seed(0)
+    return DraemDetector(image_size=32, recon_base=4, disc_base=4, disc_levels=5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pix2pix_checkpoint(tmp_path_factory):
+    """A tiny (untrained) pix2pix renderer's checkpoint: 32-px images need depth <= 5."""
+    from anomalykit.generative.pix2pix import Pix2Pix
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pix2pix") / "pix2pix.ckpt"
+    Pix2Pix(width=4, depth=5, d_width=4, d_layers=2).save(path)
+    return str(path)
+
+
+def test_default_anomaly_source_is_the_papers_perlin_textures():
+    model = tiny_draem()
+    assert model.anomaly_source == "perlin" and model.config["pix2pix_checkpoint"] is None
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    augmented, masks = model.synthesize(images, rng(4))
+    reference = AnomalySynthesizer(AnomalySource(None))  # what DRAEM did before the option
+    generator = rng(4)
+    for image, out, mask in zip(images, augmented, masks, strict=True):
+        ref_out, ref_mask, _ = reference(image.numpy(), generator)
+        assert np.array_equal(out.numpy(), ref_out) and np.array_equal(mask.numpy(), ref_mask)
+    # A checkpoint written before the option existed has neither key: it rebuilds as perlin.
+    old_config = {k: v for k, v in model.config.items()
+                  if k not in ("anomaly_source", "pix2pix_checkpoint")}
+    assert DraemDetector(**old_config).anomaly_source == "perlin"
+
+
+def test_pix2pix_source_paints_perlin_regions(pix2pix_checkpoint):
+    model = tiny_draem(anomaly_source="pix2pix", pix2pix_checkpoint=pix2pix_checkpoint)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    augmented, masks = model.synthesize(images, rng(1))
+    again, masks_again = model.synthesize(images, rng(1))
+    assert torch.equal(augmented, again) and torch.equal(masks, masks_again)
+    painted = masks.flatten(1).any(1)
+    assert 0 < painted.sum() < 8  # anomaly_prob 0.5: some clean, some painted
+    outside = masks.expand_as(images) == 0
+    assert torch.equal(augmented[outside], images[outside])
+    assert (augmented - images).abs()[~outside].mean() > 0.05
+    assert "_renderer" not in dict(model.named_modules()) and not any(
+        k.startswith("_renderer") for k in model.state_dict())
+
+
+def test_both_sources_mix_textures_and_pix2pix(pix2pix_checkpoint):
+    model = tiny_draem(anomaly_source="both", pix2pix_checkpoint=pix2pix_checkpoint, anomaly_prob=1.0)
+    images = torch.full((16, 3, 32, 32), 0.5)
+    calls = []
+    render = model.renderer.render_defects
+
+    def counted(good, mask, **options):
+        calls.append(len(good))
+        return render(good, mask, **options)
+
+    model.renderer.render_defects = counted
+    _, masks = model.synthesize(images, rng(2))
+    assert len(calls) == 1 and 0 < calls[0] < 16  # one batched call, for some of the images
+    assert masks.flatten(1).any(1).sum() > calls[0]  # the others got Perlin textures
+
+
+def test_draem_trains_with_pix2pix_anomalies_and_loads_without_them(pix2pix_checkpoint, tmp_path):
+    import shutil
+
+    from anomalykit.base import Estimator
+
+    copy = tmp_path / "renderer.ckpt"
+    shutil.copy(pix2pix_checkpoint, copy)
+    model = tiny_draem(anomaly_source="pix2pix", pix2pix_checkpoint=str(copy))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = model.fit(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                        epochs=1, max_steps=1, batch_size=4, progress=False)
+    assert np.isfinite(history["train_loss"][0]["loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.save(tmp_path / "draem.ckpt")
+    copy.unlink()  # the renderer is only needed to train
+    loaded = Estimator.load(tmp_path / "draem.ckpt")
+    assert loaded.anomaly_source == "pix2pix"
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x).anomaly_map, model.eval()(x).anomaly_map)
+    with pytest.raises(ConfigError, match="draem pix2pix_checkpoint .*renderer.ckpt.* does not exist"):
+        loaded.synthesize(x, rng(0))
+
+
+def test_bad_anomaly_source_options(tmp_path):
+    with pytest.raises(ConfigError, match="anomaly_source must be one of perlin, pix2pix, both; got 'gan'"):
+        tiny_draem(anomaly_source="gan")
+    with pytest.raises(ConfigError, match="set pix2pix_checkpoint"):
+        tiny_draem(anomaly_source="both")
+    from anomalykit.registry import create
+
+    create("dcgan", "generative", image_size=32, latent_dim=4, width=4).save(tmp_path / "dcgan.ckpt")
+    model = tiny_draem(anomaly_source="pix2pix", pix2pix_checkpoint=str(tmp_path / "dcgan.ckpt"))
+    with pytest.raises(ConfigError, match="holds a dcgan model, not a pix2pix one"):
+        model.synthesize(torch.rand(2, 3, 32, 32), rng(0))
+
+
 # --------------------------------------------------------------------------- learning

@@ -44,6 +44,7 @@ from anomalykit.data.io import is_image_file, read_image
 from anomalykit.errors import ConfigError, DataError
 
 __all__ = [
+    "ANOMALY_SOURCES",
     "DEFAULT_PHOTOS",
     "AnomalySource",
     "AnomalySynthesizer",
@@ -52,6 +53,11 @@ __all__ = [
     "perlin_mask",
     "perlin_noise_2d",
 ]
+
+#: Where DRAEM's anomalies come from: "perlin" (a Perlin-shaped region filled with an augmented
+#: texture, the paper's), "pix2pix" (the same region painted by a trained pix2pix model,
+#: :mod:`anomalykit.generative.pix2pix`), "both" (each anomaly from one of them, half and half).
+ANOMALY_SOURCES: tuple[str, ...] = ("perlin", "pix2pix", "both")
 
 #: scikit-image photos bundled in its wheel (no download) used by the default source.
 DEFAULT_PHOTOS: tuple[str, ...] = (
@@ -400,6 +406,20 @@ class AnomalySynthesizer:
             return image.copy(), mask, False, {"beta": beta, "texture": texture}
         out = blend_anomaly(image, texture, mask, beta).astype(np.float32)
         return out, mask, True, {"beta": beta, "texture": texture}
+
+    def anomaly_mask(self, size: int | Sequence[int], rng: Rng | int | None = None, *,
+                     force: bool = False) -> np.ndarray:
+        """The anomaly region alone, ``(1, H, W) float32`` in {0, 1}: all zeros for a clean
+        draw (probability ``1 - anomaly_prob``, skipped with ``force``), else a Perlin mask
+        (possibly empty). For anomaly sources that paint the region themselves (DRAEM's
+        ``anomaly_source="pix2pix"``: a pix2pix model renders a defect under this mask)."""
+        rng = _as_rng(rng)
+        h, w = _pair(size)
+        mask = np.zeros((1, h, w), np.float32)
+        if force or rng.random() < self.anomaly_prob:
+            mask[0] = perlin_mask((h, w), rng, min_scale=self.min_scale, max_scale=self.max_scale,
+                                  threshold=self.threshold)
+        return mask
 
     def __call__(self, image: Any, rng: Rng | int | None = None, *, force: bool = False):
         rng = _as_rng(rng)

@@ -11,8 +11,10 @@ Two networks, both :class:`anomalykit.nn.unet.UNet`:
   softmax's channel 1 is the anomaly map.
 
 Training sees good images only: :class:`~anomalykit.data.anomaly_synthesis.AnomalySynthesizer`
-pastes a Perlin-shaped, texture-filled anomaly into half of them on the fly, and the
-loss is ``L2(recon, clean) + (1 - SSIM)(recon, clean) + focal(logits, mask)`` (gamma 2).
+pastes a Perlin-shaped, texture-filled anomaly into half of them on the fly (or, with
+``anomaly_source="pix2pix"`` / ``"both"``, a trained pix2pix model paints a defect into the same
+Perlin region, for all / half of the anomalies), and the loss is
+``L2(recon, clean) + (1 - SSIM)(recon, clean) + focal(logits, mask)`` (gamma 2).
 Inference: map = softmax channel 1; image score = max of the map average-pooled with a
 21x21 window (at 256 px; scaled with the input size by default).
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomalykit.base import AnomalyOutput, Detector
-from anomalykit.errors import ConfigError
+from anomalykit.errors import ConfigError, check_choice
 from anomalykit.nn.functional import focal_loss, reduce_map, ssim_loss
 from anomalykit.nn.unet import UNet
 from anomalykit.registry import register_detector
@@ -74,6 +76,14 @@ class DraemDetector(Detector):
             at 256 px scaled to ``image_size`` (odd, >= 1).
         lr: Adam's rate (1e-4); ``lr_milestones``: fractions of the epochs at which it is
             multiplied by ``lr_gamma`` (0.8, 0.9 and 0.2 in the paper).
+        anomaly_source: "perlin" (the paper's: the Perlin region filled with an augmented
+            texture), "pix2pix" (the same Perlin region, its appearance rendered on the good
+            image by the pix2pix model of ``pix2pix_checkpoint``: no beta blending, the
+            rendering is pasted in the mask) or "both" (each anomaly drawn from one of the
+            two with probability 1/2).
+        pix2pix_checkpoint: a trained :class:`~anomalykit.generative.pix2pix.Pix2Pix`'s
+            ``.ckpt``, needed by "pix2pix" and "both". Only read during training (the
+            renderer is never part of this model's weights), so a checkpoint loads anywhere.
     """
 
     def __init__(self, image_size: int = 256, *, recon_base: int = 128, recon_levels: int = 5,
@@ -83,8 +93,16 @@ class DraemDetector(Detector):
                  focal_gamma: float = 2.0, ssim_window: int = 11,
                  score_pool_size: int | None = None, lr: float = 1e-4,
                  lr_milestones: list[float] | tuple[float, ...] = (0.8, 0.9),
-                 lr_gamma: float = 0.2) -> None:
+                 lr_gamma: float = 0.2,
+                 anomaly_source: Literal["perlin", "pix2pix", "both"] = "perlin",
+                 pix2pix_checkpoint: str | None = None) -> None:
         super().__init__()
+        from anomalykit.data.anomaly_synthesis import ANOMALY_SOURCES
+
+        check_choice("anomaly_source", anomaly_source, ANOMALY_SOURCES)
+        if anomaly_source != "perlin" and not pix2pix_checkpoint:
+            raise ConfigError(f"draem: anomaly_source {anomaly_source!r} renders anomalies with a "
+                              "trained pix2pix model: set pix2pix_checkpoint to its .ckpt")
         factor = 2 ** (max(recon_levels, disc_levels) - 1)
         if image_size % factor:
             raise ConfigError(f"draem: image_size {image_size} must be divisible by {factor} "
@@ -116,6 +134,9 @@ class DraemDetector(Detector):
         self.discriminative = UNet(6, 2, level_widths(disc_base, disc_levels), skip=True,
                                    upsample="bilinear", out_activation=None)
         self._synthesizer = None  # built on first use (reads texture_dir)
+        self.anomaly_source, self.pix2pix_checkpoint = anomaly_source, pix2pix_checkpoint
+        # Loaded on first use, kept out of the module tree: not this model's weights.
+        self.__dict__["_renderer"] = None
 
     # -- synthesis ------------------------------------------------------------------------
     @property
@@ -127,8 +148,20 @@ class DraemDetector(Detector):
                                                    **self.synthesis_options)
         return self._synthesizer
 
+    @property
+    def renderer(self):
+        """The pix2pix model of ``pix2pix_checkpoint`` (eval mode), loaded on first use."""
+        if self.__dict__["_renderer"] is None:
+            from anomalykit.generative.pix2pix import load_pix2pix
+
+            self.__dict__["_renderer"] = load_pix2pix(self.pix2pix_checkpoint,
+                                                      what="draem pix2pix_checkpoint")
+        return self.__dict__["_renderer"]
+
     def synthesize(self, images: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """(B, 3, S, S) clean images -> (augmented images, masks (B, 1, S, S)), on ``images``' device."""
+        if self.anomaly_source != "perlin":
+            return self._synthesize_with_pix2pix(images, rng)
         array = images.detach().to("cpu", torch.float32).numpy()
         outs, masks = [], []
         for image in array:
@@ -137,6 +170,36 @@ class DraemDetector(Detector):
             masks.append(mask)
         augmented = torch.from_numpy(np.stack(outs)).to(images.device, images.dtype)
         return augmented, torch.from_numpy(np.stack(masks)).to(images.device, images.dtype)
+
+    def _synthesize_with_pix2pix(self, images: Tensor, rng: np.random.Generator
+                                 ) -> tuple[Tensor, Tensor]:
+        """:meth:`synthesize` for "pix2pix" / "both": per image, the source is drawn ("both"),
+        then a Perlin region (:meth:`AnomalySynthesizer.anomaly_mask`, clean with probability
+        ``1 - anomaly_prob``) for pix2pix, which renders all of the batch's regions in one
+        call; its dropout noise is seeded from ``rng``, so the same seed gives the same images."""
+        array = images.detach().to("cpu", torch.float32).numpy()
+        size = array.shape[2:]
+        outs, masks, painted = [], [], []
+        for i, image in enumerate(array):
+            if self.anomaly_source == "pix2pix" or rng.random() < 0.5:
+                mask = self.synthesizer.anomaly_mask(size, rng)
+                out = image
+                if mask.any():
+                    painted.append(i)
+            else:
+                out, mask, _ = self.synthesizer(image, rng)
+            outs.append(out)
+            masks.append(mask)
+        augmented = torch.from_numpy(np.stack(outs)).to(images.device, images.dtype)
+        mask_batch = torch.from_numpy(np.stack(masks)).to(images.device, images.dtype)
+        noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        if painted:
+            renderer = self.renderer.to(images.device)
+            index = torch.tensor(painted, device=images.device)
+            rendered = renderer.render_defects(images[index].detach(), mask_batch[index],
+                                               generator=noise)
+            augmented[index] = rendered.to(images.dtype)
+        return augmented, mask_batch
 
     # -- training -------------------------------------------------------------------------
     def _losses(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Tensor]:
