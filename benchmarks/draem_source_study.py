@@ -37,11 +37,11 @@ import datetime
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+from gan_suite import versions  # benchmarks/ is on sys.path
 
 from anomalykit.data.io import image_grid, write_png
 from anomalykit.pipeline import evaluate_detector, train_detector
@@ -75,16 +75,6 @@ def anomaly_picture(model, images: torch.Tensor, seed: int) -> np.ndarray:
         synthesizer.anomaly_prob = keep
     panels = torch.stack([images, augmented, masks.expand_as(images)], dim=1).flatten(0, 1)
     return image_grid(panels, nrow=3)
-
-
-def versions() -> str:
-    found = []
-    for name in ("anomalykit", "torch", "numpy"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
-    return ", ".join(found)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,11 +51,11 @@ import platform
 import shutil
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+from gan_suite import versions  # benchmarks/ is on sys.path
 
 from anomalykit.data.anomaly_synthesis import AnomalySource, augment_texture, blend_anomaly
 from anomalykit.data.io import image_grid, write_png
@@ -134,16 +134,6 @@ def defect_crops(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def in_mask_l1(images: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((images - real).abs() * mask).sum() / (images.shape[1] * mask.sum()))
-
-
-def versions() -> str:
-    found = []
-    for name in ("anomalykit", "torch", "numpy", "timm"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
-    return ", ".join(found)
 
 
 def main(argv: list[str] | None = None) -> int:

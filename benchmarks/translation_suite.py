@@ -60,12 +60,12 @@ import platform
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gan_suite import versions  # benchmarks/ is on sys.path
 
 from anomalykit.atomic import atomic_write_csv, atomic_write_text
 from anomalykit.data.io import image_grid, write_png
@@ -231,16 +231,6 @@ def run_stargan(part: str, args, out: Path) -> list[dict]:
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def versions() -> str:
-    found = []
-    for name in ("anomalykit", "torch", "numpy", "scipy", "timm", "scikit-learn"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
-    return ", ".join(found)
 
 
 def fmt(value, spec: str) -> str:
