@@ -38,6 +38,7 @@ _MODULES = (
     "anomalykit.generative.pix2pix",
     "anomalykit.generative.cyclegan",
     "anomalykit.generative.stargan",
+    "anomalykit.generative.singan",
     "anomalykit.generative.stylegan",
     "anomalykit.generative.biggan",
     "anomalykit.generative.vqgan",

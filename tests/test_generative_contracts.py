@@ -83,6 +83,8 @@ TINY: dict[str, Tiny] = {
                      "num_examples": 4}, extra={"domain": "label:3"}),
     "pix2pix": Tiny({"width": 4, "depth": 5, "d_width": 4, "d_layers": 2},
                     extra={"good": "image", "mask": "mask"}),
+    "singan": Tiny({"image_size": SIZE, "min_size": 18, "width": 4, "steps_per_scale": 2,
+                    "d_steps": 1, "g_steps": 1}),
     # Autoregressive: sampling is one pass per sub-pixel, so 8x8 images (192 passes, not 3072).
     "pixelcnn": Tiny({"image_size": 8, "num_levels": 8, "hidden": 3, "layers": 1,
                       "first_kernel": 3, "head_hidden": 4}, size=8),
