@@ -4,6 +4,8 @@
 
     anomalykit list [--generative]
     anomalykit data synth --out data/synthetic
+    anomalykit data train-renderer pix2pix --out defects.ckpt
+    anomalykit data augment defects.ckpt --good my/good --out data/augmented/mine
     anomalykit train ae --root data/mvtec --category bottle --out runs/bottle
     anomalykit train ae --good-dir my/good --defect-dir my/bad --out runs/mine
     anomalykit test runs/bottle/model.ckpt --out runs/bottle/test
@@ -61,7 +63,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Datasets: generate the synthetic MVTec-layout dataset.",
+data_app = typer.Typer(help="Datasets: generate the synthetic MVTec-layout dataset; make defective "
+                            "images and texture variations with the suite's GANs.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -199,6 +202,101 @@ def data_synth(
     root = Path(root) if root is not None else out
     out_console.print(f"wrote synthetic dataset to {escape(str(root))} "
                       f"({', '.join(chosen or SYNTHETIC_CATEGORIES)})")
+
+
+def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``["steps_per_scale=200", "width=16"]`` -> {"steps_per_scale": 200, "width": 16} (YAML
+    values)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} takes KEY=VALUE; got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+@data_app.command("train-renderer")
+@handle_errors
+def data_train_renderer(
+    renderer: Annotated[str, typer.Argument(help="pix2pix (defects where a mask says) or stargan "
+                                                 "(one domain per defect type).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")],
+    categories: Annotated[str | None, typer.Option(
+        help="Synthetic categories to learn from (pix2pix: default all six; stargan: exactly "
+             "one, default brick).")] = None,
+    image_size: Annotated[int, typer.Option("--image-size")] = 64,
+    n_train: Annotated[int, typer.Option("--n-train", help="Training images (pix2pix: "
+                                                           "triples).")] = 1024,
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+    model_set: Annotated[list[str] | None, typer.Option(
+        "--model-set", metavar="KEY=VALUE", help="A model option, e.g. --model-set width=32 "
+                                                 "(repeatable).")] = None,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Train a defect renderer (pix2pix or StarGAN) on the synthetic dataset, for `data augment`."""
+    from anomalykit.data.augment import train_renderer
+
+    check_device(device)
+    path = train_renderer(renderer, out, categories=split_list(categories) or None,
+                          image_size=image_size, n_train=n_train, epochs=epochs,
+                          batch_size=batch_size, seed=seed,
+                          model_options=_key_values(model_set, "--model-set"), device=device,
+                          progress=not quiet)
+    out_console.print(f"saved {renderer} to {escape(str(path))}")
+
+
+@data_app.command("augment")
+@handle_errors
+def data_augment(
+    model: Annotated[str, typer.Argument(help="A pix2pix or StarGAN checkpoint (see `data "
+                                              "train-renderer`), or 'singan' (trains one SinGAN "
+                                              "per good image).")],
+    good: Annotated[Path, typer.Option("--good", help="A good image or a folder of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Category folder to write (MVTec AD "
+                                                          "layout); must be new or empty.")],
+    per_image: Annotated[int, typer.Option("--per-image", help="Renderings per good image "
+                                                               "(StarGAN: one per defect "
+                                                               "type).")] = 4,
+    masks: Annotated[str, typer.Option(
+        help="pix2pix's masks: perlin (DRAEM's shapes), synthetic (the synthetic set's defect "
+             "shapes), or a painted mask file (used for every image) / folder (matched by "
+             "stem).")] = "perlin",
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Side the good images are resized to (default: the renderer's "
+                             "training size; SinGAN 64).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    mask_threshold: Annotated[float, typer.Option(
+        "--mask-threshold", help="StarGAN: a pixel is in the mask when its mean |RGB change| "
+                                 "exceeds this (0-1).")] = 0.1,
+    singan_set: Annotated[list[str] | None, typer.Option(
+        "--singan-set", metavar="KEY=VALUE", help="A SinGAN option, e.g. --singan-set "
+                                                  "steps_per_scale=300 (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty "
+                                                                "--out.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Make defective images with masks (pix2pix, StarGAN) or texture variations (SinGAN) from
+    good images, into a folder in the MVTec AD layout."""
+    from anomalykit.data.augment import augment
+
+    def report(done: int, total: int) -> None:
+        if not quiet:
+            err_console.print(f"  {done}/{total} good image(s) done")
+
+    result = augment(model, good, out, per_image=per_image, masks=masks, image_size=image_size,
+                     seed=seed, mask_threshold=mask_threshold,
+                     singan_options=_key_values(singan_set, "--singan-set"), overwrite=overwrite,
+                     progress=report)
+    for folder, count in sorted(result.counts.items()):
+        out_console.print(f"  {folder}: {count} image(s)")
+    out_console.print(f"wrote {result.total} image(s) with {result.model} to "
+                      f"{escape(str(result.out))} (manifest {escape(str(result.manifest))})")
 
 
 # -- train / test ----------------------------------------------------------------------------

@@ -142,12 +142,13 @@ def _read_mask_folder(folder: Path) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike[str], image_rgb: np.ndarray) -> Path:
-    """Encode an (H, W, 3) uint8 RGB image as PNG and write it atomically (non-ASCII paths
-    work too)."""
+    """Encode an (H, W, 3) uint8 RGB image (or an (H, W) uint8 grey one, e.g. a 0/255 mask) as
+    PNG and write it atomically (non-ASCII paths work too)."""
     from anomalykit.atomic import atomic_write
 
     path = Path(path)
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    bgr = image_rgb if image_rgb.ndim == 2 else cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", bgr)
     if not ok:
         raise DataError(f"cannot encode {path.name} as PNG")
     return atomic_write(path, encoded.tofile)
