@@ -246,6 +246,15 @@ def test_pix2pix_source_paints_perlin_regions(pix2pix_checkpoint):
         k.startswith("_renderer") for k in model.state_dict())
 
 
+def test_example_figures_show_the_configured_source(pix2pix_checkpoint, tmp_path):
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    perlin = tiny_draem().example_figures(images, tmp_path / "perlin", n=3)
+    painted = tiny_draem(anomaly_source="pix2pix", pix2pix_checkpoint=pix2pix_checkpoint
+                         ).example_figures(images, tmp_path / "pix2pix", n=3)
+    assert len(perlin) == len(painted) == 3
+    assert all(a.read_bytes() != b.read_bytes() for a, b in zip(perlin, painted, strict=True))
+
+
 def test_both_sources_mix_textures_and_pix2pix(pix2pix_checkpoint):
     model = tiny_draem(anomaly_source="both", pix2pix_checkpoint=pix2pix_checkpoint, anomaly_prob=1.0)
     images = torch.full((16, 3, 32, 32), 0.5)

@@ -267,7 +267,8 @@ class DraemDetector(Detector):
 
         Each PNG shows, left to right: the clean image, the image with a synthetic
         anomaly, its mask, and this model's anomaly map on it (grey = 0, white = 1).
-        Every panel is an anomaly (no clean draws); same ``seed``, same pictures.
+        Every panel is an anomaly (no clean draws); same ``seed``, same pictures. The anomalies
+        come from the model's ``anomaly_source`` (Perlin textures, pix2pix or both).
         """
         import cv2
 
@@ -286,10 +287,18 @@ class DraemDetector(Detector):
         with evaluating(self):
             for i in range(min(n, len(array))):
                 image = array[i]
-                for _ in range(20):  # skip the rare empty Perlin mask
-                    augmented, mask, has = self.synthesizer(image, rng, force=True)
-                    if has:
-                        break
+                if self.anomaly_source == "perlin":
+                    for _ in range(20):  # skip the rare empty Perlin mask
+                        augmented, mask, has = self.synthesizer(image, rng, force=True)
+                        if has:
+                            break
+                else:  # the configured source, as training draws it, until a region is drawn
+                    for _ in range(50):
+                        drawn, masks = self.synthesize(images[i:i + 1].to(self.device), rng)
+                        if masks.any():
+                            break
+                    augmented = drawn[0].cpu().float().numpy()
+                    mask = masks[0].cpu().float().numpy()
                 pred = self(torch.from_numpy(augmented)[None].to(self.device)).anomaly_map
                 pred = pred[0].cpu().numpy()
 
