@@ -1,11 +1,14 @@
-"""Atomic file writes: a crash or a full disk never leaves half a file where a good one was.
+"""Atomic file writes: a crash or a full disk never leaves half a file where a good one was;
+and a file's checksum (:func:`sha256_file`), which records of written files carry.
 
-Torch-free, so the data layer's disk cache and the checkpoints share it.
+Torch-free, so the data layer's disk cache and the checkpoints share it. (The folder watcher
+keeps its own copy of the checksum: it also runs copied beside runtime.py, without the package.)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import tempfile
@@ -52,3 +55,12 @@ def atomic_write_csv(path: str | os.PathLike, rows: Iterable[dict], fieldnames: 
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (any size, constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

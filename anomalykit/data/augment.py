@@ -31,7 +31,6 @@ atomically; ``out`` must be empty or absent unless ``overwrite``. Same seed, sam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from anomalykit.atomic import sha256_file
 from anomalykit.errors import ConfigError, DataError
 
 MASK_KINDS = ("perlin", "synthetic")
@@ -152,14 +152,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise DataError(f"--out {out} is not empty; choose a new folder (or overwrite=True / "
                         f"--overwrite to add to it, replacing files of the same names)")
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _to_uint8(image) -> np.ndarray:
@@ -316,7 +308,7 @@ def augment(model: str | os.PathLike[str], good: str | os.PathLike[str],
                               f"{' or '.join(RENDERERS)} (or trains SinGAN: model 'singan')")
         size = int(image_size or _training_size(net))
         _prepare_out(out, overwrite)
-        record.update(checkpoint=str(path), checkpoint_sha256=_sha256(path))
+        record.update(checkpoint=str(path), checkpoint_sha256=sha256_file(path))
         if kind == "pix2pix":
             record["masks"] = str(masks)
             _render_pix2pix(net, files, out, per_image=per_image, masks=str(masks), size=size,

@@ -100,6 +100,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _sha256_file(path: Path) -> str:
+    # Not anomalykit.atomic.sha256_file: this file also runs copied beside runtime.py alone.
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
