@@ -66,6 +66,17 @@ def test_bad_options_name_the_value():
         SinGAN(**TINY, loss="wasserstein")
     with pytest.raises(ConfigError, match="steps_per_scale"):
         SinGAN(**TINY, steps_per_scale=0)
+    with pytest.raises(ConfigError, match="norm"):
+        SinGAN(**TINY, d_norm="layer")
+
+
+def test_critics_take_the_authors_batch_norm_as_an_option():
+    plain, normed = SinGAN(**TINY), SinGAN(**TINY, d_norm="batch")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.critics.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in normed.critics.modules())
+    history = fit(normed, weave(), epochs=1, max_steps=2, batch_size=1, device="cpu",
+                  progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history["train_loss"][0].values())
 
 
 def test_coarser_scales_stay_frozen_while_a_finer_one_trains():

@@ -154,11 +154,12 @@ class ScaleGenerator(nn.Module):
 
 
 class PatchCritic(nn.Module):
-    """D_n: (B, C, h, w) -> (B, 1, h, w) critic values, one per 11x11 patch; no normalisation."""
+    """D_n: (B, C, h, w) -> (B, 1, h, w) critic values, one per 11x11 patch; ``norm`` as the
+    generators' ("none" by default, see :class:`SinGAN`'s ``d_norm``)."""
 
-    def __init__(self, channels: int = 3, width: int = 32) -> None:
+    def __init__(self, channels: int = 3, width: int = 32, *, norm: I2INorm = "none") -> None:
         super().__init__()
-        self.net = _conv_stack(channels, width, 1, "none")
+        self.net = _conv_stack(channels, width, 1, norm)
         init_normal(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,6 +181,10 @@ class SinGAN(AdversarialModel):
         width / max_width: channels of the coarsest scales' networks (32) and the cap (128);
             the width doubles every 4 scales.
         norm: the generators' normalisation, "batch" (the paper), "instance" or "none".
+        d_norm: the critics' ("none"; the authors' code has BatchNorm there too, which at
+            SinGAN's batch of one image normalises per image, so the per-sample gradient
+            penalty stays well defined). Not benchmarked beyond one exploratory run (see
+            benchmarks/results/singan/results.md): the default stays "none".
         steps_per_scale: training iterations per scale (2000 in the paper) = steps of the loop
             per epoch.
         d_steps / g_steps: critic and generator updates per iteration (3 and 3).
@@ -201,7 +206,8 @@ class SinGAN(AdversarialModel):
 
     def __init__(self, image_size: int | list[int] | tuple[int, int] = 64, in_channels: int = 3, *,
                  min_size: int = 25, scale_factor: float = 0.75, width: int = 32,
-                 max_width: int = 128, norm: I2INorm = "batch", steps_per_scale: int = 2000,
+                 max_width: int = 128, norm: I2INorm = "batch", d_norm: I2INorm = "none",
+                 steps_per_scale: int = 2000,
                  d_steps: int = 3, g_steps: int = 3, loss: AdversarialLoss = "wgan_gp",
                  gp_weight: float = 0.1, rec_weight: float = 10.0, noise_amp: float = 0.1,
                  lr: float = 5e-4, betas: list[float] | tuple[float, float] = (0.5, 0.999),
@@ -242,7 +248,7 @@ class SinGAN(AdversarialModel):
         self.sample_seed, self.grid_every = sample_seed, grid_every
         self.generators = nn.ModuleList(ScaleGenerator(in_channels, w, norm=norm)
                                         for w in self.widths)
-        self.critics = nn.ModuleList(PatchCritic(in_channels, w) for w in self.widths)
+        self.critics = nn.ModuleList(PatchCritic(in_channels, w, norm=d_norm) for w in self.widths)
         self.register_buffer("image_", torch.zeros(1, in_channels, *self.image_size))
         self.register_buffer("z_rec_", torch.zeros(1, in_channels, *self.sizes[0]))
         self.register_buffer("noise_amp_", torch.zeros(self.num_scales))
