@@ -37,8 +37,11 @@ def good_dir(tmp_path) -> Path:
 
 def test_pix2pix_renders_defects_only_inside_the_written_masks(pix2pix_ckpt, good_dir, tmp_path):
     out = tmp_path / "aug"
-    result = augment(pix2pix_ckpt, good_dir, out, per_image=3, masks="perlin", seed=0)
+    reports = []
+    result = augment(pix2pix_ckpt, good_dir, out, per_image=3, masks="perlin", seed=0,
+                     progress=lambda done, total: reports.append((done, total)))
     assert result.model == "pix2pix" and result.counts == {"test/pix2pix": 6}
+    assert reports == [(1, 2), (2, 2)]  # once per good image
     for image_path in sorted((out / "test" / "pix2pix").glob("*.png")):
         image = read_image(image_path)
         mask = read_mask(out / "ground_truth" / "pix2pix" / f"{image_path.stem}_mask.png")

@@ -194,7 +194,7 @@ def _render_pix2pix(model, files: Sequence[Path], out: Path, *, per_image: int, 
                                             generator=generator)[0]
             _write_defect(out, "pix2pix", f"{path.stem}_{k:03d}", _to_uint8(rendered), mask,
                           counts)
-            step()
+        step()
 
 
 def _render_stargan(model, files: Sequence[Path], out: Path, *, size: int, seed: int,
