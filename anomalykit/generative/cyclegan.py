@@ -138,8 +138,9 @@ def decay_learning_rates(optimizers: Sequence[torch.optim.Optimizer], lr: float,
 
 @register_generative("cyclegan")
 class CycleGAN(AdversarialModel):
-    """Unpaired translation A <-> B with two generators, two PatchGAN discriminators, the cycle
-    and identity losses and an image pool (see the module docstring).
+    """CycleGAN: unpaired translation A <-> B (two generators, two PatchGANs, cycle loss).
+
+    Cycle and identity losses and an image pool per discriminator (see the module docstring).
 
     Args:
         image_size: S; divisible by ``2 ** downsamples`` (the generators) and large enough for

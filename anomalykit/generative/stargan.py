@@ -123,8 +123,9 @@ class DomainDiscriminator(nn.Module):
 
 @register_generative("stargan")
 class StarGAN(AdversarialModel):
-    """Multi-domain translation with one generator G(x, c) and a discriminator with a domain
-    classifier (see the module docstring).
+    """StarGAN: one generator G(x, c) for K domains, a discriminator with a domain classifier.
+
+    See the module docstring.
 
     Args:
         image_size: S; divisible by ``2 ** downsamples`` and S / 2 ** d_layers >= 3.
