@@ -37,6 +37,7 @@ from anomalykit.generative.gan import (
 )
 from anomalykit.nn.adversarial import (
     AdversarialLoss,
+    add_gradient_penalty,
     clip_weights,
     discriminator_loss,
     generator_loss,
@@ -211,10 +212,9 @@ class InfoGAN(AdversarialModel):
         fake = self.generator(self.latent(z, categorical, continuous))
         d_real = self.discriminator(real)
         d_fake, fake_features = self.discriminator.forward_with_features(fake.detach())
-        adversarial = discriminator_loss(d_real, d_fake, self.loss)
-        if self.loss == "wgan_gp":
-            adversarial = adversarial + self.gp_weight * gradient_penalty(self.discriminator,
-                                                                          real, fake)
+        adversarial, _ = add_gradient_penalty(discriminator_loss(d_real, d_fake, self.loss),
+                                              loss=self.loss, critic=self.discriminator, real=real,
+                                              fake=fake, gp_weight=self.gp_weight)
         info = self.info_loss(fake_features, categorical, continuous)
         d_loss = adversarial + self.info_weight * info
         _critic_update(d_loss, opt_d, self.discriminator, self.clip)

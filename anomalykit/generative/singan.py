@@ -70,9 +70,9 @@ from anomalykit.errors import ConfigError
 from anomalykit.generative.gan import AdversarialModel, check_adversarial_options
 from anomalykit.nn.adversarial import (
     AdversarialLoss,
+    add_gradient_penalty,
     discriminator_loss,
     generator_loss,
-    gradient_penalty,
 )
 from anomalykit.nn.dcgan import from_tanh_range, to_tanh_range
 from anomalykit.nn.image_to_image import I2INorm, image_norm, init_normal
@@ -393,10 +393,9 @@ class SinGAN(AdversarialModel):
             fake = fake_batch()
             d_real, d_fake = critic(real), critic(fake.detach())
             d_loss = discriminator_loss(d_real.mean((1, 2, 3)), d_fake.mean((1, 2, 3)), self.loss)
-            if self.loss == "wgan_gp":
-                penalty = gradient_penalty(critic, real, fake)
-                d_loss = d_loss + self.gp_weight * penalty
-                logs["gp"] = penalty.detach()
+            d_loss, gp_logs = add_gradient_penalty(d_loss, loss=self.loss, critic=critic,
+                                                   real=real, fake=fake, gp_weight=self.gp_weight)
+            logs.update(gp_logs)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()

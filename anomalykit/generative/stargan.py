@@ -54,7 +54,7 @@ from anomalykit.generative.cyclegan import (
     frozen,
 )
 from anomalykit.generative.gan import AdversarialModel, _store_adversarial
-from anomalykit.nn.adversarial import discriminator_loss, generator_loss, gradient_penalty
+from anomalykit.nn.adversarial import add_gradient_penalty, discriminator_loss, generator_loss
 from anomalykit.nn.dcgan import from_tanh_range, to_tanh_range
 from anomalykit.nn.image_to_image import I2INorm, PatchDiscriminator, ResnetGenerator, init_normal
 from anomalykit.registry import register_generative
@@ -247,11 +247,10 @@ class StarGAN(AdversarialModel):
         target = torch.randint(self.num_domains, source.shape).to(source.device)
         fake = self.generator(x, target)
         d_terms = self._discriminator_terms(x, source, fake.detach())
-        d_loss = d_terms["d_loss"]
-        if self.loss == "wgan_gp":
-            penalty = gradient_penalty(self.discriminator.source, x, fake)
-            d_loss = d_loss + self.gp_weight * penalty
-            d_terms["gp"] = penalty
+        d_loss, gp_logs = add_gradient_penalty(d_terms["d_loss"], loss=self.loss,
+                                               critic=self.discriminator.source, real=x, fake=fake,
+                                               gp_weight=self.gp_weight)
+        d_terms.update(gp_logs)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()

@@ -68,9 +68,9 @@ from anomalykit.generative.gan import (
 )
 from anomalykit.nn.adversarial import (
     AdversarialLoss,
+    add_gradient_penalty,
     discriminator_loss,
     generator_loss,
-    gradient_penalty,
 )
 from anomalykit.nn.dcgan import from_tanh_range, to_tanh_range
 from anomalykit.nn.style import (
@@ -457,10 +457,9 @@ class StyleGAN(AdversarialModel):
             r1 = grad.pow(2).flatten(1).sum(1).mean()
             d_loss = d_loss + 0.5 * self.r1_gamma * self.r1_every * r1
             logs["r1"] = r1.detach()
-        if self.loss == "wgan_gp":
-            penalty = gradient_penalty(critic, real, fake)
-            d_loss = d_loss + self.gp_weight * penalty
-            logs["gp"] = penalty.detach()
+        d_loss, gp_logs = add_gradient_penalty(d_loss, loss=self.loss, critic=critic, real=real,
+                                               fake=fake, gp_weight=self.gp_weight)
+        logs.update(gp_logs)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()

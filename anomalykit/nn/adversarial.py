@@ -87,6 +87,17 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     return (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
 
 
+def add_gradient_penalty(d_loss: Tensor, *, loss: AdversarialLoss,
+                         critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor,
+                         gp_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """A critic's loss with WGAN-GP's term: ``(d_loss + gp_weight x penalty, {"gp": penalty})``
+    for ``loss == "wgan_gp"`` (the penalty detached, for the logs), ``(d_loss, {})`` otherwise."""
+    if loss != "wgan_gp":
+        return d_loss, {}
+    penalty = gradient_penalty(critic, real, fake)
+    return d_loss + gp_weight * penalty, {"gp": penalty.detach()}
+
+
 @torch.no_grad()
 def clip_weights(module: nn.Module, clip: float) -> None:
     """WGAN's Lipschitz constraint: every parameter clamped to [-clip, clip] in place."""
@@ -163,12 +174,9 @@ def adversarial_step(generator: nn.Module, discriminator: nn.Module, real: Tenso
     z = torch.randn(real.shape[0], latent_dim, device=real.device, dtype=real.dtype)
     fake = generator(z)
     d_real, d_fake = discriminator(real), discriminator(fake.detach())
-    d_loss = discriminator_loss(d_real, d_fake, loss)
-    logs: dict[str, Tensor] = {}
-    if loss == "wgan_gp":
-        penalty = gradient_penalty(discriminator, real, fake)
-        d_loss = d_loss + gp_weight * penalty
-        logs["gp"] = penalty.detach()
+    d_loss, logs = add_gradient_penalty(discriminator_loss(d_real, d_fake, loss), loss=loss,
+                                        critic=discriminator, real=real, fake=fake,
+                                        gp_weight=gp_weight)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
