@@ -85,7 +85,13 @@ class Estimator(nn.Module):
         def recording_init(self, *args: Any, **kw: Any) -> None:
             # Only the outermost __init__ records: super().__init__ calls see the flag.
             if "_config_recorded" not in self.__dict__:
-                bound = signature.bind(self, *args, **kw)
+                try:
+                    bound = signature.bind(self, *args, **kw)
+                except TypeError as exc:  # an unknown or missing option, e.g. from --set
+                    options = [p for p in list(signature.parameters)[1:]
+                               if signature.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+                    raise ConfigError(f"{cls.__name__}: {exc}; its options: "
+                                      f"{', '.join(options)}") from None
                 bound.apply_defaults()
                 config: dict[str, Any] = {}
                 for name, value in list(bound.arguments.items())[1:]:

@@ -154,3 +154,26 @@ def test_cli_trains_a_renderer_and_augments(tmp_path, good_dir):
     result = runner.invoke(app, ["data", "augment", str(ckpt), "--good", str(good_dir), "--out",
                                  str(tmp_path / "aug"), "--quiet"])
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_overwrite_adds_to_a_folder_and_keeps_other_files(pix2pix_ckpt, good_dir, tmp_path):
+    out = tmp_path / "aug"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = augment(pix2pix_ckpt, good_dir, out, per_image=1, overwrite=True)
+    assert result.counts == {"test/pix2pix": 2} and (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_rejects_a_malformed_singan_option(good_dir, tmp_path):
+    result = CliRunner().invoke(app, ["data", "augment", "singan", "--good", str(good_dir),
+                                      "--out", str(tmp_path / "aug"), "--singan-set", "width"])
+    assert result.exit_code == 2 and "--singan-set takes KEY=VALUE; got 'width'" in result.output
+    assert not (tmp_path / "aug").exists()
+
+
+def test_an_unknown_model_option_names_the_options(good_dir, tmp_path):
+    result = CliRunner().invoke(app, ["data", "train-renderer", "pix2pix", "--out",
+                                      str(tmp_path / "p.ckpt"), "--model-set", "wdith=4", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Pix2Pix: got an unexpected keyword argument 'wdith'; its options:" in result.output
+    assert "width" in result.output
