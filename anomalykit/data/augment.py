@@ -187,9 +187,9 @@ def _render_pix2pix(model, files: Sequence[Path], out: Path, *, per_image: int, 
     for path in files:
         good = load_image(path, size)
         good_t = torch.from_numpy(good).permute(2, 0, 1).float().div(255.0)
+        mask_file = None if painted is None else _painted_mask(painted, path.stem, size)
         for k in range(per_image):
-            mask = (_painted_mask(painted, path.stem, size) if painted is not None
-                    else draw_mask(masks, size, rng))
+            mask = mask_file if mask_file is not None else draw_mask(masks, size, rng)
             rendered = model.render_defects(good_t[None], torch.from_numpy(mask)[None, None],
                                             generator=generator)[0]
             _write_defect(out, "pix2pix", f"{path.stem}_{k:03d}", _to_uint8(rendered), mask,
