@@ -292,6 +292,11 @@ def test_draem_trains_with_pix2pix_anomalies_and_loads_without_them(pix2pix_chec
     assert torch.equal(loaded(x).anomaly_map, model.eval()(x).anomaly_map)
     with pytest.raises(ConfigError, match="draem pix2pix_checkpoint .*renderer.ckpt.* does not exist"):
         loaded.synthesize(x, rng(0))
+    # It exports without the renderer too, onnxruntime matching PyTorch (export_onnx checks).
+    from anomalykit.export.onnx import export_onnx
+
+    loaded.calibrate(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert export_onnx(loaded, tmp_path / "draem.onnx").is_file()
 
 
 def test_bad_anomaly_source_options(tmp_path):
