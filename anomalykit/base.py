@@ -87,7 +87,7 @@ class Estimator(nn.Module):
             if "_config_recorded" not in self.__dict__:
                 try:
                     bound = signature.bind(self, *args, **kw)
-                except TypeError as exc:  # an unknown or missing option, e.g. from --set
+                except TypeError as exc:  # an unknown or missing option, e.g. from --model-set
                     options = [p for p in list(signature.parameters)[1:]
                                if signature.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
                     raise ConfigError(f"{cls.__name__}: {exc}; its options: "
